@@ -1,0 +1,125 @@
+// C++ twin of fastcnf/controller.py: scaled error ratio fused with the Runge-Kutta error
+// estimate, and the accept/reject + next-step-size rule. Function for function the same math
+// as the Python reference; tests/test_controller.py checks that both agree.
+//
+// Tensors cross the boundary as raw data pointers (Python ints from Tensor.data_ptr()), so the
+// extension needs only pybind11 at build time and no torch headers. The caller guarantees
+// contiguous CPU storage of the stated dtype: y0, y1 of N elements, stages of S rows with a
+// row stride of `stage_stride` elements.
+
+#include "controller.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace fastcnf {
+namespace {
+
+// max over non-skipped segments of sqrt(mean((dt * sum_j w_j k_j[n] / tol_n)^2)),
+// tol_n = atol + rtol * max(|y0_n|, |y1_n|). NaN if any counted term is not finite.
+template <typename T>
+double scaled_error_ratio_impl(const T* y0, const T* y1, const T* stages, int64_t stage_stride,
+                               const std::vector<double>& weights, double dt, double rtol, double atol,
+                               const SegmentNorm& norm) {
+  std::vector<int64_t> used;  // stages with a non-zero error weight
+  for (int64_t j = 0; j < static_cast<int64_t>(weights.size()); ++j) {
+    if (weights[j] != 0.0) used.push_back(j);
+  }
+  double result = 0.0;
+  bool finite = true;
+  int64_t start = 0;
+  for (size_t s = 0; s < norm.ends.size(); ++s) {
+    const int64_t end = norm.ends[s];
+    if (!norm.skip[s] && end > start) {
+      double sum_sq = 0.0;
+      for (int64_t n = start; n < end; ++n) {
+        double err = 0.0;
+        for (int64_t j : used) err += weights[j] * static_cast<double>(stages[j * stage_stride + n]);
+        const double a0 = std::abs(static_cast<double>(y0[n]));
+        const double a1 = std::abs(static_cast<double>(y1[n]));
+        const double scaled = err * dt / (atol + rtol * std::max(a0, a1));
+        sum_sq += scaled * scaled;
+        // std::max hides a NaN in y1, so check the new state as well as the sum.
+        if (!std::isfinite(a1)) finite = false;
+      }
+      const double rms = std::sqrt(sum_sq / static_cast<double>(end - start));
+      if (!std::isfinite(rms)) finite = false;
+      result = std::max(result, rms);
+    }
+    start = end;
+  }
+  return finite ? result : std::numeric_limits<double>::quiet_NaN();
+}
+
+double clamp(double value, double low, double high) { return std::min(std::max(value, low), high); }
+
+}  // namespace
+
+double scaled_error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t stage_stride, bool is_double,
+                          const std::vector<double>& weights, double dt, double rtol, double atol,
+                          const SegmentNorm& norm) {
+  if (is_double) {
+    return scaled_error_ratio_impl(reinterpret_cast<const double*>(y0), reinterpret_cast<const double*>(y1),
+                                   reinterpret_cast<const double*>(stages), stage_stride, weights, dt, rtol, atol,
+                                   norm);
+  }
+  return scaled_error_ratio_impl(reinterpret_cast<const float*>(y0), reinterpret_cast<const float*>(y1),
+                                 reinterpret_cast<const float*>(stages), stage_stride, weights, dt, rtol, atol, norm);
+}
+
+// Same rule as controller.propose_step: returns (accept, dt_next, status).
+std::tuple<bool, double, int> propose_step(double error_ratio, double dt, double order, double safety,
+                                           double ifactor, double dfactor, double min_step, double max_step) {
+  if (!std::isfinite(error_ratio)) {
+    return {dt <= min_step, clamp(dt * dfactor, min_step, max_step), STATUS_NONFINITE};
+  }
+  bool accept = error_ratio <= 1.0;
+  if (dt > max_step) accept = false;
+  if (dt <= min_step) accept = true;
+  double dt_next;
+  if (error_ratio == 0.0) {
+    dt_next = dt * ifactor;
+  } else {
+    const double shrink = error_ratio < 1.0 ? 1.0 : dfactor;
+    dt_next = dt * std::min(ifactor, std::max(safety / std::pow(error_ratio, 1.0 / order), shrink));
+  }
+  return {accept, clamp(dt_next, min_step, max_step), STATUS_OK};
+}
+
+StepController::StepController(std::vector<double> error_weights, double rtol, double atol,
+                               std::vector<int64_t> segment_ends, std::vector<bool> segment_skip, double order,
+                               double safety, double ifactor, double dfactor, double min_step, double max_step,
+                               bool is_double)
+    : weights_(std::move(error_weights)),
+      rtol_(rtol),
+      atol_(atol),
+      order_(order),
+      safety_(safety),
+      ifactor_(ifactor),
+      dfactor_(dfactor),
+      min_step_(min_step),
+      max_step_(max_step),
+      is_double_(is_double) {
+  if (segment_ends.size() != segment_skip.size()) {
+    throw std::invalid_argument("segment_ends and segment_skip must have the same length");
+  }
+  norm_.ends = std::move(segment_ends);
+  norm_.skip = std::move(segment_skip);
+}
+
+double StepController::error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t stage_stride,
+                                   double dt) const {
+  return scaled_error_ratio(y0, y1, stages, stage_stride, is_double_, weights_, dt, rtol_, atol_, norm_);
+}
+
+// Returns (accept, dt_next, error_ratio, status).
+std::tuple<bool, double, double, int> StepController::step(uintptr_t y0, uintptr_t y1, uintptr_t stages,
+                                                           int64_t stage_stride, double dt) const {
+  const double ratio = error_ratio(y0, y1, stages, stage_stride, dt);
+  auto [accept, dt_next, status] = propose_step(ratio, dt, order_, safety_, ifactor_, dfactor_, min_step_, max_step_);
+  return {accept, dt_next, ratio, status};
+}
+
+}  // namespace fastcnf

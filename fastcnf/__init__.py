@@ -1,0 +1,30 @@
+"""fastcnf: fast ODE solvers for continuous normalizing flows.
+
+A drop-in replacement for torchdiffeq (``import fastcnf as torchdiffeq``) with the same
+signatures and results, plus CNF training tools (TO-FLOW, JKO-iFlow, TPR).
+"""
+
+from .errors import (FastCNFError, InvalidOptionError, InvalidTimeGridError, MaxNumStepsError,
+                     NonFiniteStateError, NonlinearSolveError, StepSizeUnderflowError, UnknownMethodError)
+from .odeint import odeint, odeint_dense, odeint_event
+from .solvers import METHODS
+from .stats import SolverStats, track
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "odeint",
+    "odeint_event",
+    "odeint_dense",
+    "track",
+    "SolverStats",
+    "METHODS",
+    "FastCNFError",
+    "InvalidOptionError",
+    "InvalidTimeGridError",
+    "MaxNumStepsError",
+    "NonFiniteStateError",
+    "NonlinearSolveError",
+    "StepSizeUnderflowError",
+    "UnknownMethodError",
+]

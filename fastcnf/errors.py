@@ -1,0 +1,50 @@
+"""Exception types raised by fastcnf.
+
+torchdiffeq reports most solver failures with bare ``assert`` statements, so code written
+against it catches ``AssertionError``. Every solver failure here derives from
+``AssertionError`` as well as from the builtin type that describes it, so both
+``except AssertionError`` (torchdiffeq style) and ``except RuntimeError`` keep working.
+"""
+
+__all__ = [
+    "FastCNFError",
+    "InvalidTimeGridError",
+    "InvalidOptionError",
+    "UnknownMethodError",
+    "NonFiniteStateError",
+    "StepSizeUnderflowError",
+    "MaxNumStepsError",
+    "NonlinearSolveError",
+]
+
+
+class FastCNFError(Exception):
+    """Base class of every error raised by fastcnf itself."""
+
+
+class InvalidTimeGridError(FastCNFError, ValueError, AssertionError):
+    """The time tensor ``t`` is not a strictly monotone 1-D floating point tensor."""
+
+
+class InvalidOptionError(FastCNFError, ValueError):
+    """An option name is unknown, not accepted by the chosen method, or has a bad value."""
+
+
+class UnknownMethodError(FastCNFError, ValueError):
+    """The ``method`` string names no solver."""
+
+
+class NonFiniteStateError(FastCNFError, FloatingPointError, AssertionError):
+    """NaN or Inf appeared in the state, the dynamics or the step size."""
+
+
+class StepSizeUnderflowError(FastCNFError, RuntimeError, AssertionError):
+    """The adaptive step size became too small to advance time."""
+
+
+class MaxNumStepsError(FastCNFError, RuntimeError, AssertionError):
+    """The solver took ``max_num_steps`` steps without reaching the next output time."""
+
+
+class NonlinearSolveError(FastCNFError, RuntimeError):
+    """The nonlinear solve of an implicit method did not converge."""

@@ -1,0 +1,182 @@
+"""Fixed-grid solvers: explicit Runge-Kutta on a time grid (euler, midpoint, heun2, heun3, rk4).
+
+The grid is ``t`` itself, a uniform grid of ``step_size`` ending exactly at ``t[-1]``, or what
+the user's ``grid_constructor(func, y0, t)`` returns. Output times between grid points are
+filled by linear or cubic Hermite interpolation (``interp``), as in torchdiffeq. When ``t``
+requires gradients the grid (and so every step size) stays differentiable.
+
+Subclasses (Adams, implicit Runge-Kutta) replace ``_step``.
+"""
+
+import math
+
+import torch
+
+from .errors import InvalidOptionError, NonFiniteStateError
+from .interp import cubic_hermite_interp, linear_interp
+from .rk_stepper import ExplicitRKStepper
+from .stats import record_nfe, record_solve, record_steps
+
+__all__ = ["FixedGridSolver", "FixedGridRungeKutta", "uniform_grid"]
+
+MAX_EVENT_STEPS = 20000
+
+
+def uniform_grid(step_size):
+    """torchdiffeq's grid: t[0] + k * step_size, with the last point moved onto t[-1]."""
+
+    def construct(func, y0, t):
+        start, end = t[0], t[-1]
+        count = torch.ceil((end - start) / step_size + 1).item()
+        grid = torch.arange(0, count, dtype=t.dtype, device=t.device) * step_size + start
+        grid[-1] = t[-1]
+        return grid
+
+    return construct
+
+
+class FixedGridSolver:
+    """Shared loop of the fixed-grid methods; ``_step(t0, dt, t1, y0)`` returns ``(y1, f0)``."""
+
+    OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "norm"})
+    CALLBACKS = frozenset({"callback_step"})
+
+    def __init__(self, dynamics, y0, rtol, atol, *, step_size=None, grid_constructor=None, interp="linear",
+                 perturb=False, norm=None):
+        self.dynamics = dynamics
+        self.y0 = y0
+        self.rtol, self.atol = rtol, atol
+        self.step_size = step_size
+        if interp not in ("linear", "cubic"):
+            raise InvalidOptionError(f"interp must be 'linear' or 'cubic', got {interp!r}.")
+        self.interp = interp
+        self.perturb = bool(perturb)
+        if step_size is not None and grid_constructor is not None:
+            raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
+        if step_size is not None:
+            self.grid_constructor = uniform_grid(step_size)
+        elif grid_constructor is not None:
+            self.grid_constructor = grid_constructor
+        else:
+            self.grid_constructor = lambda func, y0, t: t
+        self.steps = 0
+
+    def _start(self):
+        """Called once before the first step of a solve."""
+
+    def integrate(self, t):
+        grid = self.grid_constructor(self.dynamics, self.y0, t)
+        if not (grid[0] == t[0] and grid[-1] == t[-1]):
+            raise ValueError(f"the time grid must start at t[0]={t[0].item()} and end at t[-1]={t[-1].item()}; "
+                             f"grid_constructor returned [{grid[0].item()}, ..., {grid[-1].item()}].")
+        time_grad = grid.requires_grad and torch.is_grad_enabled()
+        grid_points = list(grid.unbind()) if time_grad else _merge_repeats(grid.tolist())
+        t_points = list(t.unbind()) if time_grad else t.tolist()
+        self._start()
+        outputs, j, y0 = [self.y0], 1, self.y0
+        try:
+            for t0, t1 in zip(grid_points[:-1], grid_points[1:]):
+                dt = t1 - t0
+                self.dynamics.callback("callback_step", float(t0), y0, float(dt))
+                y1, f0 = self._step(t0, dt, t1, y0)
+                self.steps += 1
+                while j < len(t_points) and t1 >= t_points[j]:
+                    outputs.append(self._interpolate(t0, t1, y0, y1, f0, t_points[j]))
+                    _check_finite(outputs[-1], t0, t1, self.dynamics.reverse)
+                    j += 1
+                y0 = y1
+        finally:
+            self._report()
+        return torch.stack(outputs)
+
+    def integrate_until_event(self, t0, event_fn):
+        if self.step_size is None:
+            raise ValueError("Event handling for fixed step solvers currently requires `step_size` to be provided "
+                             "in options.")
+        t0 = float(t0)
+        dt = float(self.step_size)
+        y0 = self.y0
+        self._start()
+        try:
+            sign0 = torch.sign(event_fn(torch.tensor(t0, dtype=torch.float64), y0))
+            for _ in range(MAX_EVENT_STEPS):
+                t1 = t0 + dt
+                y1, f0 = self._step(t0, dt, t1, y0)
+                self.steps += 1
+                if torch.sign(event_fn(torch.tensor(t1, dtype=torch.float64), y1)) != sign0:
+                    event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn)
+                    return event_t, torch.stack([self.y0, y_event])
+                t0, y0 = t1, y1
+            raise RuntimeError(f"Reached maximum number of iterations {MAX_EVENT_STEPS}.")
+        finally:
+            self._report()
+
+    def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn):
+        f1 = self.dynamics(t1, y1) if self.interp == "cubic" else None
+        tol = float(self.atol) if not isinstance(self.atol, torch.Tensor) else float(self.atol.min())
+        iterations = max(0, math.ceil(math.log((t1 - t0) / tol) / math.log(2.0))) if tol > 0 else 64
+        lo, hi = t0, t1
+
+        def state_at(t):
+            if f1 is None:
+                return linear_interp(t0, t1, y0, y1, t)
+            return cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t)
+
+        with torch.no_grad():
+            for _ in range(iterations):
+                mid = (lo + hi) / 2.0
+                if torch.sign(event_fn(torch.tensor(mid, dtype=torch.float64), state_at(mid))) == sign0:
+                    lo = mid
+                else:
+                    hi = mid
+        event_t = (lo + hi) / 2.0
+        return torch.tensor(event_t, dtype=torch.float64), state_at(event_t)
+
+    def _interpolate(self, t0, t1, y0, y1, f0, t):
+        if self.interp == "linear":
+            return linear_interp(t0, t1, y0, y1, t)
+        f1 = self.dynamics(t1, y1)
+        return cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t)
+
+    def _report(self):
+        record_nfe(self.dynamics.nfe)
+        self.dynamics.nfe = 0
+        record_steps(self.steps, 0)
+        self.steps = 0
+        record_solve()
+
+
+class FixedGridRungeKutta(FixedGridSolver):
+    """Explicit Runge-Kutta on a grid for one tableau of ``fastcnf.tableaus.FIXED_TABLEAUS``."""
+
+    def __init__(self, dynamics, y0, rtol, atol, *, tableau, **options):
+        super().__init__(dynamics, y0, rtol, atol, **options)
+        self.stepper = ExplicitRKStepper(tableau, dynamics, y0.numel(), y0.dtype, y0.device,
+                                         perturb_start=self.perturb, perturb_end=self.perturb)
+        self._buffer = 0
+
+    def _start(self):
+        if not torch.is_grad_enabled():
+            self.stepper.reuse_buffers()
+
+    def _step(self, t0, dt, t1, y0):
+        f0 = self.stepper.first_stage(t0, y0)
+        self._buffer = 1 - self._buffer
+        y1, stages = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer)
+        return y1, stages[0]
+
+
+def _merge_repeats(points):
+    """Drop zero-length steps (repeated grid points); they change nothing but cost evaluations."""
+    merged = points[:1]
+    for point in points[1:]:
+        if point != merged[-1]:
+            merged.append(point)
+    return merged
+
+
+def _check_finite(value, t0, t1, reverse):
+    if not bool(torch.isfinite(value).all()):
+        sign = -1 if reverse else 1
+        raise NonFiniteStateError(f"NaN/Inf in the state in the step from t={sign * float(t0)} to "
+                                  f"t={sign * float(t1)}.")

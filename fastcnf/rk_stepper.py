@@ -1,0 +1,128 @@
+"""One explicit Runge-Kutta step for any tableau.
+
+Stages live in one (S, N) tensor ``K``; stage ``i`` is evaluated at ``y0 + dt * a[i] @ K[:i]``.
+How that combination is formed depends on the situation:
+
+* under autograd: one ``torch.addmv`` per stage into a fresh tensor, so the graph stays valid;
+* outside autograd, small states (N <= ``FUSED_MAX_NUMEL``) on CPU with the C++ extension: the
+  extension's fused combiner (one call, one pass, no intermediate tensors);
+* outside autograd otherwise: in-place ``add_`` over the non-zero weights, which torch spreads
+  over all CPU threads (for large states this beats a tall-skinny ``addmv``).
+
+Outside autograd two stage buffers are reused for a whole solve; the one holding the accepted
+step is never written by the next trial.
+"""
+
+import torch
+
+from .backend import ext, select_backend
+from .dynamics import Perturb
+
+__all__ = ["ExplicitRKStepper", "FUSED_MAX_NUMEL"]
+
+FUSED_MAX_NUMEL = 16384
+
+
+class ExplicitRKStepper:
+    """Evaluates the stages of ``tableau`` for ``dynamics`` on (N,) states of ``dtype``/``device``.
+
+    Args:
+        perturb_start: evaluate stage 0 just after t0 (only when it is evaluated here).
+        perturb_end: evaluate stages with node 1 just before t1.
+    """
+
+    def __init__(self, tableau, dynamics, numel, dtype, device, perturb_start=False, perturb_end=True):
+        self.tableau = tableau
+        self.dynamics = dynamics
+        self.c = tableau.c
+        self.a_rows = [torch.tensor(row, dtype=dtype, device=device) for row in tableau.a]
+        self.b = torch.tensor(tableau.b, dtype=dtype, device=device)
+        self.start_perturb = Perturb.NEXT if perturb_start else Perturb.NONE
+        self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self.buffers = self.combiner = None
+        self._sparse_rows = [[(j, w) for j, w in enumerate(row) if w != 0] for row in tableau.a]
+        self._sparse_b = [(j, w) for j, w in enumerate(tableau.b) if w != 0]
+
+    def reuse_buffers(self):
+        """Allocate the two reusable stage buffers (call only outside autograd)."""
+        stages = self.tableau.stages
+        self.buffers = [torch.empty(stages, self.numel, dtype=self.dtype, device=self.device) for _ in range(2)]
+        self._rows = [[buf[i] for i in range(stages)] for buf in self.buffers]
+        fused = (select_backend(self.device) == "cpp" and self.device.type == "cpu"
+                 and self.dtype in (torch.float32, torch.float64) and self.numel <= FUSED_MAX_NUMEL)
+        if fused:
+            self.combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
+                                              self.dtype == torch.float64)
+
+    def first_stage(self, time, y0):
+        return self.dynamics(time, y0, self.start_perturb)
+
+    def step(self, t0, y0, f0, dt, t1, time=None, buffer=0):
+        """Stages of one step; returns ``(y1, K)``.
+
+        Args:
+            t0, dt, t1: floats, or 0-dim tensors when gradients with respect to time are needed.
+            y0, f0: (N,) contiguous state and its derivative at t0.
+            time: maps a float time to what the dynamics receive (default: identity).
+            buffer: which reusable buffer to write (0 or 1) when buffers are reused.
+        """
+        if isinstance(dt, torch.Tensor):
+            return self._step_tensor_dt(t0, y0, f0, dt, t1)
+        c, dynamics, end_perturb = self.c, self.dynamics, self.end_perturb
+        time = time or _identity
+        if self.buffers is None:
+            stages = torch.empty(len(c), y0.numel(), dtype=y0.dtype, device=y0.device)
+            stages[0] = f0
+            rows = stages
+            combine = self._combine_autograd
+        else:
+            stages = self.buffers[buffer]
+            rows = self._rows[buffer]
+            rows[0].copy_(f0)
+            combine = self._combine_fused if self.combiner is not None else self._combine_inplace
+        yi = y0
+        for i in range(1, len(c)):
+            yi = combine(i, y0, stages, dt)
+            if c[i] == 1:
+                rows[i].copy_(dynamics(time(t1), yi, end_perturb))
+            else:
+                rows[i].copy_(dynamics(time(t0 + c[i] * dt), yi))
+        if not self.tableau.fsal:
+            yi = combine(None, y0, stages, dt)
+        return yi, stages
+
+    def _combine_autograd(self, i, y0, stages, dt):
+        if i is None:
+            return torch.addmv(y0, stages.t(), self.b, alpha=dt)
+        return torch.addmv(y0, stages[:i].t(), self.a_rows[i], alpha=dt)
+
+    def _combine_fused(self, i, y0, stages, dt):
+        out = torch.empty_like(y0)
+        if i is None:
+            self.combiner.solution(out.data_ptr(), y0.data_ptr(), stages.data_ptr(), self.numel, self.numel, dt)
+        else:
+            self.combiner.stage(i, out.data_ptr(), y0.data_ptr(), stages.data_ptr(), self.numel, self.numel, dt)
+        return out
+
+    def _combine_inplace(self, i, y0, stages, dt):
+        weights = self._sparse_b if i is None else self._sparse_rows[i]
+        out = y0.clone()
+        for j, weight in weights:
+            out.add_(stages[j], alpha=weight * dt)
+        return out
+
+    def _step_tensor_dt(self, t0, y0, f0, dt, t1):
+        """Stages when dt is a tensor carrying gradients (fixed grids built from a differentiable t)."""
+        c, dynamics = self.c, self.dynamics
+        stages = [f0]
+        for i in range(1, len(c)):
+            yi = y0 + dt * torch.mv(torch.stack(stages, 1), self.a_rows[i])
+            ti = t1 if c[i] == 1 else t0 + c[i] * dt
+            stages.append(dynamics(ti, yi, self.end_perturb if c[i] == 1 else Perturb.NONE))
+        stages = torch.stack(stages)
+        return y0 + dt * torch.mv(stages.t(), self.b), stages
+
+
+def _identity(t):
+    return t

@@ -1,0 +1,82 @@
+"""Solver statistics: ``fastcnf.track()`` counts function evaluations and steps.
+
+    with fastcnf.track() as stats:
+        loss = odeint_adjoint(func, y0, t).sum()
+        loss.backward()
+    stats.nfe_forward, stats.nfe_backward, stats.steps_accepted, stats.steps_rejected
+
+Counting costs one list check per evaluation when no tracker is active.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+__all__ = ["SolverStats", "track", "backward_phase"]
+
+_ACTIVE = []
+_PHASE = ["forward"]
+
+
+@dataclass
+class SolverStats:
+    """Counts for every solve run inside a ``track()`` block (forward and adjoint solves)."""
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    steps_accepted: int = 0
+    steps_rejected: int = 0
+    solves: int = 0
+
+    @property
+    def nfe(self):
+        return self.nfe_forward + self.nfe_backward
+
+    def as_dict(self):
+        return dict(
+            nfe_forward=self.nfe_forward,
+            nfe_backward=self.nfe_backward,
+            steps_accepted=self.steps_accepted,
+            steps_rejected=self.steps_rejected,
+            solves=self.solves,
+        )
+
+
+@contextmanager
+def track():
+    """Context manager yielding a ``SolverStats`` that every solve inside the block updates."""
+    stats = SolverStats()
+    _ACTIVE.append(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE.remove(stats)
+
+
+@contextmanager
+def backward_phase():
+    """Count evaluations inside this block as backward (adjoint) evaluations."""
+    _PHASE.append("backward")
+    try:
+        yield
+    finally:
+        _PHASE.pop()
+
+
+def record_nfe(count):
+    if _PHASE[-1] == "backward":
+        for stats in _ACTIVE:
+            stats.nfe_backward += count
+    else:
+        for stats in _ACTIVE:
+            stats.nfe_forward += count
+
+
+def record_steps(accepted, rejected):
+    for stats in _ACTIVE:
+        stats.steps_accepted += accepted
+        stats.steps_rejected += rejected
+
+
+def record_solve():
+    for stats in _ACTIVE:
+        stats.solves += 1

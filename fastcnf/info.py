@@ -1,0 +1,35 @@
+"""``python -m fastcnf info``: versions and which fast paths are available here."""
+
+import platform
+
+import torch
+
+from . import __version__
+from .backend import HAS_EXT, HAS_TRITON, select_backend, requested_backend
+
+__all__ = ["describe"]
+
+
+def describe():
+    """Multi-line report of versions, the C++ extension and the backends per device."""
+    lines = [
+        f"fastcnf {__version__}",
+        f"python {platform.python_version()} ({platform.machine()})",
+        f"torch {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
+        f"C++ extension fastcnf._C: {'built' if HAS_EXT else 'not built (pure-Python controller in use)'}",
+    ]
+    if HAS_TRITON:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    else:
+        lines.append("triton: not installed")
+    lines.append(f"FASTCNF_BACKEND: {requested_backend()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        try:
+            backend = select_backend(torch.device(device))
+        except RuntimeError as error:
+            backend = f"unavailable ({error})"
+        lines.append(f"backend on {device}: {backend}")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ signatures and results, plus CNF training tools (TO-FLOW, JKO-iFlow, TPR).
 
 from .errors import (FastCNFError, InvalidOptionError, InvalidTimeGridError, MaxNumStepsError,
                      NonFiniteStateError, NonlinearSolveError, StepSizeUnderflowError, UnknownMethodError)
+from .adjoint import odeint_adjoint
 from .odeint import odeint, odeint_dense, odeint_event
 from .solvers import METHODS
 from .stats import SolverStats, track
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "odeint",
+    "odeint_adjoint",
     "odeint_event",
     "odeint_dense",
     "track",

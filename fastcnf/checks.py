@@ -195,6 +195,11 @@ def _dtype(name, value):
         raise InvalidOptionError(f"option {name!r} must be a floating torch.dtype, got {value!r}.")
 
 
+def _optional_bool(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise InvalidOptionError(f"option {name!r} must be True, False or None, got {value!r}.")
+
+
 def _is_real(value):
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not value.is_complex()
@@ -217,6 +222,8 @@ _OPTION_CHECKS = {
     "step_t": _time_points,
     "jump_t": _time_points,
     "dtype": _dtype,
+    "check_every": _positive_integer,
+    "device_loop": _optional_bool,
 }
 
 

@@ -17,7 +17,8 @@ import torch
 from . import controller as py_controller
 from .backend import ext, select_backend
 from .dynamics import CALLBACK_NAMES, Perturb
-from .errors import MaxNumStepsError, NonFiniteStateError, StepSizeUnderflowError
+from .device_loop import DEFAULT_CHECK_EVERY, integrate_on_device
+from .errors import InvalidOptionError, MaxNumStepsError, NonFiniteStateError, StepSizeUnderflowError
 from .initial_step import initial_step_size
 from .interp import quartic_eval
 from .rk_stepper import ExplicitRKStepper
@@ -50,12 +51,12 @@ class AdaptiveRungeKutta:
     """
 
     OPTIONS = frozenset({"norm", "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor",
-                         "dfactor", "max_num_steps", "dtype"})
+                         "dfactor", "max_num_steps", "dtype", "device_loop", "check_every"})
     CALLBACKS = frozenset(CALLBACK_NAMES)
 
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
-                 max_num_steps=2 ** 31 - 1, dtype=torch.float64):
+                 max_num_steps=2 ** 31 - 1, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY):
         self.dynamics = dynamics
         self.y0 = y0
         self.rtol, self.atol = rtol, atol
@@ -70,6 +71,8 @@ class AdaptiveRungeKutta:
         if set(self.step_t) & set(self.jump_t):
             raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
 
+        self.device_loop = self._wants_device_loop(device_loop)
+        self.check_every = int(check_every)
         self.stepper = ExplicitRKStepper(tableau, dynamics, y0.numel(), y0.dtype, y0.device)
         self.b_error = torch.tensor(tableau.b_error, dtype=y0.dtype, device=y0.device)
         self.controller = self._make_controller(select_backend(y0.device))
@@ -96,6 +99,16 @@ class AdaptiveRungeKutta:
                 segment_skip=list(self.norm.skip), is_double=self.y0.dtype == torch.float64, **args))
         return py_controller.StepController(error_weights=self.b_error, norm=self.norm, **args)
 
+    def _wants_device_loop(self, requested):
+        """The sync-free loop: on CUDA by default; never with step_t/jump_t or step callbacks."""
+        eligible = not self.step_t and not self.jump_t and not any(
+            self.dynamics.has_callback(name) for name in CALLBACK_NAMES)
+        if requested is None:
+            return eligible and self.y0.device.type == "cuda"
+        if requested and not eligible:
+            raise InvalidOptionError("device_loop=True cannot be combined with step_t, jump_t or step callbacks.")
+        return bool(requested)
+
     def _time(self, t):
         """What the dynamics receive for float time ``t``: the float, or a tensor tied to t[0]."""
         if self.time_anchor is None:
@@ -106,6 +119,11 @@ class AdaptiveRungeKutta:
     # ------------------------------------------------------------------ public
     def integrate(self, t):
         """Solution at every time of the increasing 1-D tensor ``t``: a (len(t), N) tensor."""
+        if self.device_loop:
+            try:
+                return integrate_on_device(self, t, self.check_every)
+            finally:
+                self._report()
         times = t.tolist()
         time_grad = t.requires_grad and torch.is_grad_enabled()
         outputs = [self.y0]

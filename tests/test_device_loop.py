@@ -36,9 +36,9 @@ def test_device_loop_equals_host_loop(method, dtype, monkeypatch):
         assert (device.steps_accepted, device.steps_rejected) == (host.steps_accepted, host.steps_rejected)
     else:  # float32 stage roundoff may flip one borderline accept/reject decision
         assert abs(device.steps_rejected - host.steps_rejected) <= 1
-    # masked steps past the end may cost a few evaluations, never many
-    assert host.nfe_forward <= device.nfe_forward <= host.nfe_forward + 2 * len(fastcnf.tableaus.ADAPTIVE_TABLEAUS[
-        method].c)
+    # masked steps past the end (and a flipped float32 decision) cost a few evaluations, never many
+    stages = len(fastcnf.tableaus.ADAPTIVE_TABLEAUS[method].c)
+    assert host.nfe_forward <= device.nfe_forward <= host.nfe_forward + 4 * stages
 
 
 def test_host_checks_grow_slowly_with_the_number_of_steps():

@@ -1,0 +1,1 @@
+"""Benchmarks of fastcnf against torchdiffeq (and torchode): workloads, harness and report."""

@@ -72,7 +72,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
             dt = torch.clamp(dt, min=solver.min_step, max=solver.max_step)
             t1 = t0 + dt
             underflow = active & ~(t1 > t0)
-            y1, stages = stepper.step(t0, y0, f0, dt.to(y0.dtype), t1)
+            y1, stages, last_stage = stepper.step(t0, y0, f0, dt.to(y0.dtype), t1)
             with torch.no_grad():  # step-size decisions carry no gradient, as in the host loop
                 error = torch.mv(stages.t(), error_weights) * dt.to(y0.dtype)
                 tolerance = solver.atol + solver.rtol * torch.maximum(y0.abs(), y1.abs())
@@ -98,7 +98,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
             status = torch.where(active & (since_output >= solver.max_num_steps),
                                  torch.full_like(status, FAILED_MAX_STEPS), status)
             y0 = torch.where(accept, y1, y0)
-            f0 = torch.where(accept, stages[-1], f0)
+            f0 = torch.where(accept, last_stage, f0)
             t0 = torch.where(accept, t1, t0)
             dt = torch.where(active, dt_next, dt)
             accepted = accepted + accept.long()

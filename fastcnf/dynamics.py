@@ -36,15 +36,18 @@ class StateLayout:
         self.shapes = tuple(tensor.shape for tensor in tensors)
         self.sizes = tuple(tensor.numel() for tensor in tensors)
         self.numel = sum(self.sizes)
+        self.is_flat = not self.is_tuple and len(self.shapes[0]) == 1
 
     def flatten(self, state):
         """User state -> (N,) tensor."""
         if self.is_tuple:
             return torch.cat([part.reshape(-1) for part in state])
-        return state.reshape(-1)
+        return state if state.dim() == 1 else state.reshape(-1)
 
     def unflatten(self, flat):
         """(..., N) tensor -> user state with the leading dimensions kept."""
+        if self.is_flat:
+            return flat
         lead = flat.shape[:-1]
         if not self.is_tuple:
             return flat.view(*lead, *self.shapes[0])

@@ -241,7 +241,7 @@ class AdaptiveRungeKutta:
                 t1, dt = next_jump_t, next_jump_t - t0
 
         buffer = 1 - step.buffer
-        y1, stages = self.stepper.step(t0, y0, f0, dt, t1, self._time, buffer)
+        y1, stages, last_stage = self.stepper.step(t0, y0, f0, dt, t1, self._time, buffer)
         accept, dt_next, _ratio, status = self.controller.step(y0, y1, stages, dt)
         self._last_nonfinite = status == py_controller.STATUS_NONFINITE
         if self._last_nonfinite and accept:
@@ -256,7 +256,7 @@ class AdaptiveRungeKutta:
 
         self.dynamics.callback("callback_accept_step", t0, y0, dt)
         self.accepted += 1
-        f1 = stages[-1]
+        f1 = last_stage
         if on_step_t and self._next_step_t != len(self.step_t) - 1:
             self._next_step_t += 1
         if on_jump_t:

@@ -3,7 +3,9 @@
 Stages live in one (S, N) tensor ``K``; stage ``i`` is evaluated at ``y0 + dt * a[i] @ K[:i]``.
 How that combination is formed depends on the situation:
 
-* under autograd: one ``torch.addmv`` per stage into a fresh tensor, so the graph stays valid;
+* under autograd: stages are separate tensors and each input is a chain of scaled adds, whose
+  backward is a few scalings (copying stages into slices of one buffer would make the backward
+  clone the whole buffer at every slice);
 * outside autograd, small states (N <= ``FUSED_MAX_NUMEL``) on CPU with the C++ extension: the
   extension's fused combiner (one call, one pass, no intermediate tensors);
 * outside autograd otherwise: in-place ``add_`` over the non-zero weights, which torch spreads
@@ -59,7 +61,8 @@ class ExplicitRKStepper:
         return self.dynamics(time, y0, self.start_perturb)
 
     def step(self, t0, y0, f0, dt, t1, time=None, buffer=0):
-        """Stages of one step; returns ``(y1, K)``.
+        """Stages of one step; returns ``(y1, K, k_last)``: the new state, the (S, N) stages and
+        the last stage as its own tensor (the next step's first stage for FSAL tableaus).
 
         Args:
             t0, dt, t1: floats, or 0-dim tensors when gradients with respect to time are needed.
@@ -72,15 +75,11 @@ class ExplicitRKStepper:
         c, dynamics, end_perturb = self.c, self.dynamics, self.end_perturb
         time = time or _identity
         if self.buffers is None:
-            stages = torch.empty(len(c), y0.numel(), dtype=y0.dtype, device=y0.device)
-            stages[0] = f0
-            rows = stages
-            combine = self._combine_autograd
-        else:
-            stages = self.buffers[buffer]
-            rows = self._rows[buffer]
-            rows[0].copy_(f0)
-            combine = self._combine_fused if self.combiner is not None else self._combine_inplace
+            return self._step_autograd(t0, y0, f0, dt, t1, time)
+        stages = self.buffers[buffer]
+        rows = self._rows[buffer]
+        rows[0].copy_(f0)
+        combine = self._combine_fused if self.combiner is not None else self._combine_inplace
         yi = y0
         for i in range(1, len(c)):
             yi = combine(i, y0, stages, dt)
@@ -90,12 +89,23 @@ class ExplicitRKStepper:
                 rows[i].copy_(dynamics(time(t0 + c[i] * dt), yi))
         if not self.tableau.fsal:
             yi = combine(None, y0, stages, dt)
-        return yi, stages
+        return yi, stages, rows[-1]
 
-    def _combine_autograd(self, i, y0, stages, dt):
-        if i is None:
-            return torch.addmv(y0, stages.t(), self.b, alpha=dt)
-        return torch.addmv(y0, stages[:i].t(), self.a_rows[i], alpha=dt)
+    def _step_autograd(self, t0, y0, f0, dt, t1, time):
+        """Under autograd: stages stay separate tensors, combined by scaled adds (cheap backward),
+        and are stacked once at the end for the controller and the dense output."""
+        c, dynamics = self.c, self.dynamics
+        stages = [f0]
+        yi = y0
+        for i in range(1, len(c)):
+            yi = _scaled_sum(y0, stages, self._sparse_rows[i], dt)
+            if c[i] == 1:
+                stages.append(dynamics(time(t1), yi, self.end_perturb))
+            else:
+                stages.append(dynamics(time(t0 + c[i] * dt), yi))
+        if not self.tableau.fsal:
+            yi = _scaled_sum(y0, stages, self._sparse_b, dt)
+        return yi, torch.stack(stages), stages[-1]
 
     def _combine_fused(self, i, y0, stages, dt):
         out = torch.empty_like(y0)
@@ -120,9 +130,18 @@ class ExplicitRKStepper:
             yi = y0 + dt * torch.mv(torch.stack(stages, 1), self.a_rows[i])
             ti = t1 if c[i] == 1 else t0 + c[i] * dt
             stages.append(dynamics(ti, yi, self.end_perturb if c[i] == 1 else Perturb.NONE))
+        last = stages[-1]
         stages = torch.stack(stages)
-        return y0 + dt * torch.mv(stages.t(), self.b), stages
+        return y0 + dt * torch.mv(stages.t(), self.b), stages, last
 
 
 def _identity(t):
     return t
+
+
+def _scaled_sum(y0, stages, weights, dt):
+    """y0 + dt * sum_j w_j stages[j] over the non-zero weights (autograd-friendly)."""
+    out = y0
+    for j, weight in weights:
+        out = torch.add(out, stages[j], alpha=weight * dt)
+    return out

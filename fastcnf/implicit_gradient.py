@@ -24,7 +24,7 @@ from .errors import NonlinearSolveError
 __all__ = ["attach_implicit_gradient"]
 
 
-def attach_implicit_gradient(recorded, detached, solution, matrix, *, rtol, max_iters, where):
+def attach_implicit_gradient(recorded, detached, solution, matrix, *, rtol, max_iters, describe):
     """``solution`` (s, N) carrying the implicit-function-theorem gradient.
 
     Args:
@@ -34,12 +34,12 @@ def attach_implicit_gradient(recorded, detached, solution, matrix, *, rtol, max_
         matrix: the step's iteration matrix (``solve(rhs, adjoint=True)``).
         rtol: relative accuracy of the backward linear solve (max norm).
         max_iters: at most this many backward iterations.
-        where: text naming the step, for the error message.
+        describe: returns the text naming the step, for error messages.
     """
     evaluation = recorded(solution)
     if not evaluation.requires_grad:
         return solution
-    evaluation.register_hook(_CotangentSolve(detached, solution, matrix, rtol, max_iters, where))
+    evaluation.register_hook(_CotangentSolve(detached, solution, matrix, rtol, max_iters, describe))
     # The value stays exactly ``solution``; the gradient goes to ``evaluation``.
     return solution + (evaluation - evaluation.detach())
 
@@ -47,13 +47,13 @@ def attach_implicit_gradient(recorded, detached, solution, matrix, *, rtol, max_
 class _CotangentSolve:
     """Tensor hook mapping the cotangent v of Phi(K*) to u = (I - dPhi/dK)^-T v."""
 
-    def __init__(self, equations, solution, matrix, rtol, max_iters, where):
+    def __init__(self, equations, solution, matrix, rtol, max_iters, describe):
         self.equations = equations
         self.solution = solution
         self.matrix = matrix
         self.rtol = rtol
         self.max_iters = max_iters
-        self.where = where
+        self.describe = describe
 
     def __call__(self, cotangent):
         if cotangent is None:
@@ -75,6 +75,6 @@ class _CotangentSolve:
                 return adjoint
             if change != change or size == float("inf"):
                 break
-        raise NonlinearSolveError(f"The backward (implicit function theorem) solve for {self.where} did not converge "
+        raise NonlinearSolveError(f"The backward (implicit function theorem) solve for {self.describe()} did not converge "
                                   f"in {self.max_iters} iteration(s); last change {change:.3e} against solution size "
                                   f"{size:.3e}.")

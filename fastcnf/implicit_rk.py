@@ -38,6 +38,9 @@ first order; here it is fourth order. Its nonlinear solve is Broyden's method st
 identity; results agree to within the solves' tolerances where it converges.
 """
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 
 from .dynamics import Perturb
@@ -66,6 +69,40 @@ def stage_groups(tableau):
     return [(i,) for i in range(explicit)] + [tuple(range(explicit, tableau.stages))]
 
 
+@dataclass(frozen=True)
+class _GroupPlan:
+    """How one group of stages is computed in every step.
+
+    ``coupling`` (s, s) holds the tableau entries among the group's stages, ``inputs`` (s, p)
+    those on the p earlier stages (None when p = 0); ``key`` identifies the coupling, so groups
+    with equal couplings share a factorization.
+    """
+
+    stages: tuple
+    explicit: bool
+    is_first_derivative: bool
+    coupling: torch.Tensor
+    inputs: object
+    key: tuple
+
+
+def _plan_groups(tableau, dtype, device):
+    a = torch.tensor(tableau.a, dtype=dtype, device=device)
+    plans = []
+    for group in stage_groups(tableau):
+        first = group[0]
+        explicit = len(group) == 1 and tableau.explicit_stage(first)
+        plans.append(_GroupPlan(
+            stages=group,
+            explicit=explicit,
+            is_first_derivative=explicit and tableau.c[first] == 0 and not any(tableau.a[first]),
+            coupling=a[first:group[-1] + 1, first:group[-1] + 1],
+            inputs=a[first:group[-1] + 1, :first] if first > 0 else None,
+            key=tuple(tableau.a[i][j] for i in group for j in group),
+        ))
+    return plans
+
+
 class ImplicitRungeKutta(FixedGridSolver):
     """An implicit Runge-Kutta method of ``fastcnf.implicit_tableaus`` on a grid; see the module docstring."""
 
@@ -89,8 +126,7 @@ class ImplicitRungeKutta(FixedGridSolver):
         self.jacobian = None
         if self.newton:
             self.jacobian = DynamicsJacobian(dynamics, check_jacobian_method(jacobian or "auto"), self.rows)
-        self.groups = stage_groups(tableau)
-        self.a = torch.tensor(tableau.a, dtype=y0.dtype, device=y0.device)
+        self.groups = _plan_groups(tableau, y0.dtype, y0.device)
         self.b = torch.tensor(tableau.b, dtype=y0.dtype, device=y0.device)
         self.start_perturb = Perturb.NEXT if self.perturb else Perturb.NONE
 
@@ -114,44 +150,37 @@ class _Step:
         self.t0, self.dt, self.t1 = t0, dt, t1
         self.y0, self.f0 = y0, f0
         self.floats = (_as_float(t0), _as_float(dt), _as_float(t1))
+        self.describe = partial(_describe_step, solver.tableau.name, self.floats[0], self.floats[2],
+                                solver.dynamics.reverse)
         self.scale = solver.nonlinear_atol + solver.nonlinear_rtol * y0.detach().abs()
         self.jacobian = None
         self.matrices = {}
 
     def solve_group(self, group, previous):
-        """Stage derivatives (s, N) of ``group`` given the earlier stages (p, N) or None."""
+        """Stage derivatives (s, N) of ``group`` (a ``_GroupPlan``) given the earlier stages (p, N) or None."""
         solver = self.solver
-        tableau = solver.tableau
-        base = self._base(group, previous)
-        if len(group) == 1 and tableau.explicit_stage(group[0]):
-            if tableau.c[group[0]] == 0 and not any(tableau.a[group[0]]):
-                return self.f0[None]
-            t, perturb = self._time(group[0], self.t0, self.dt, self.t1)
+        if group.is_first_derivative:
+            return self.f0[None]
+        base = self.y0.expand(len(group.stages), -1) if previous is None else self.y0 + self.dt * (
+            group.inputs @ previous)
+        if group.explicit:
+            t, perturb = self._time(group.stages[0], self.t0, self.dt, self.t1)
             return solver.dynamics(t, base[0], perturb)[None]
-        coefficients = solver.a[list(group)][:, list(group)]
         t0, dt, t1 = self.floats
         with torch.no_grad():
-            matrix = self._matrix(group, coefficients)
-            detached = StageEquations(solver.dynamics, [self._time(i, t0, dt, t1) for i in group], base.detach(),
-                                      coefficients, dt)
-            guess = self.f0.detach().expand(len(group), -1)
+            matrix = self._matrix(group)
+            detached = StageEquations(solver.dynamics, [self._time(i, t0, dt, t1) for i in group.stages],
+                                      base.detach(), group.coupling, dt)
+            guess = self.f0.detach().expand(len(group.stages), -1)
             stages = solve_stage_equations(detached, guess, matrix, self.scale, max_iters=solver.max_iters,
-                                           where=self._where())
+                                           describe=self.describe)
         if not torch.is_grad_enabled():
             return stages
-        recorded = StageEquations(solver.dynamics, [self._time(i, self.t0, self.dt, self.t1) for i in group], base,
-                                  coefficients, self.dt)
+        recorded = StageEquations(solver.dynamics, [self._time(i, self.t0, self.dt, self.t1) for i in group.stages],
+                                  base, group.coupling, self.dt)
         return attach_implicit_gradient(recorded, detached, stages, matrix,
                                         rtol=DEFAULT_NONLINEAR_TOLERANCE[stages.dtype], max_iters=solver.max_iters,
-                                        where=self._where())
-
-    def _base(self, group, previous):
-        """(s, N): y0 plus the contribution of the stages already known."""
-        s = len(group)
-        if previous is None:
-            return self.y0.expand(s, -1)
-        coefficients = self.solver.a[list(group)][:, :previous.shape[0]]
-        return self.y0 + self.dt * (coefficients @ previous)
+                                        describe=self.describe)
 
     def _time(self, stage, t0, dt, t1):
         """(time, perturb) of a stage; node 1 is evaluated at t1 just before it, as torchdiffeq does."""
@@ -160,27 +189,28 @@ class _Step:
             return t1, Perturb.PREV
         return t0 + node * dt, Perturb.NONE
 
-    def _matrix(self, group, coefficients):
-        """The factored iteration matrix for ``coefficients``, shared by groups with equal ones."""
+    def _matrix(self, group):
+        """The factored iteration matrix of ``group``, shared by groups with equal couplings."""
         solver = self.solver
         if not solver.newton:
             return IdentityIterationMatrix()
-        key = tuple(solver.tableau.a[i][j] for i in group for j in group)
-        if key not in self.matrices:
+        if group.key not in self.matrices:
             if self.jacobian is None:
                 self.jacobian = solver.jacobian(self.floats[0], self.y0.detach(), self.f0.detach(),
                                                 solver.start_perturb)
             dt = self.floats[1]
             if solver.rows is None:
-                self.matrices[key] = DenseIterationMatrix(self.jacobian, coefficients, dt)
+                matrix = DenseIterationMatrix(self.jacobian, group.coupling, dt)
             else:
-                self.matrices[key] = RowBlockIterationMatrix(self.jacobian, coefficients, dt, solver.rows)
-        return self.matrices[key]
+                matrix = RowBlockIterationMatrix(self.jacobian, group.coupling, dt, solver.rows)
+            self.matrices[group.key] = matrix
+        return self.matrices[group.key]
 
-    def _where(self):
-        t0, _, t1 = self.floats
-        sign = -1 if self.solver.dynamics.reverse else 1
-        return f"{self.solver.tableau.name}: the step from t={sign * t0!r} to t={sign * t1!r}"
+
+def _describe_step(name, t0, t1, reverse):
+    """The step in the user's time, for error messages."""
+    sign = -1 if reverse else 1
+    return f"{name}: the step from t={sign * t0!r} to t={sign * t1!r}"
 
 
 def _as_float(time):

@@ -110,7 +110,7 @@ def weighted_rms(values, scale):
     return float((values / scale).square().mean().sqrt())
 
 
-def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, where):
+def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, describe):
     """Iterate ``K <- K - M^-1 (K - Phi(K))`` from ``guess`` until converged; returns K (s, N).
 
     Args:
@@ -119,10 +119,10 @@ def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, where):
         matrix: an iteration matrix (``solve(rhs)``).
         scale: (N,) ``atol + rtol * |y0|`` for the convergence norm.
         max_iters: at most this many iterations.
-        where: text naming the step, for the error message.
+        describe: returns the text naming the step, for error messages.
     """
     if matrix.singular:
-        raise NonlinearSolveError(f"The Newton iteration matrix I - dt * (A (x) df/dy) is singular for {where}; "
+        raise NonlinearSolveError(f"The Newton iteration matrix I - dt * (A (x) df/dy) is singular for {describe()}; "
                                   "use a smaller step_size.")
     dt = abs(float(equations.dt))
     stages = guess
@@ -133,7 +133,7 @@ def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, where):
         stages = stages + update
         size = dt * weighted_rms(update, scale)
         if not math.isfinite(size):
-            raise _not_converged(where, iteration, dt * weighted_rms(residual, scale), size, "diverged to NaN/Inf")
+            raise _not_converged(describe(), iteration, dt * weighted_rms(residual, scale), size, "diverged to NaN/Inf")
         if size <= 1:
             return stages
         if previous is not None:
@@ -141,7 +141,7 @@ def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, where):
             if rate < 1 and rate / (1 - rate) * size <= 1:
                 return stages
         previous = size
-    raise _not_converged(where, max_iters, dt * weighted_rms(residual, scale), size, "did not converge")
+    raise _not_converged(describe(), max_iters, dt * weighted_rms(residual, scale), size, "did not converge")
 
 
 def _not_converged(where, iterations, residual, update, what):

@@ -10,8 +10,11 @@ How the columns are probed (``method``):
 
 * ``"jacfwd"``: ``torch.func.jacfwd``, N (or D) forward-mode products in one batched call;
 * ``"jacrev"``: ``torch.func.jacrev``, N (or D) vector-Jacobian products in one batched call;
-* ``"finite_difference"``: N (or D) further evaluations of ``func`` (forward differences with
-  steps ``sqrt(eps) * (1 + |y|)``); works for any ``func``;
+* ``"finite_difference"``: N (or D) further evaluations of ``func``; works for any ``func``.
+  Forward differences with steps ``sqrt(eps) * max(|y_j|, 1e-3 * max_k |y_k|)``: relative to
+  each entry, with a floor for entries near zero taken from the size of the whole state (a
+  step of ``sqrt(eps)`` on an entry of size 1e-5, as in the Robertson problem, would change
+  it by a factor 30 in float32);
 * ``"auto"``: finite differences when there are at most ``AUTO_FINITE_DIFFERENCE_COLUMNS``
   columns (the evaluations then cost less than torch.func's set-up), ``jacfwd`` otherwise,
   falling back to finite differences (with a warning) when torch.func cannot transform ``func``
@@ -113,7 +116,8 @@ class DynamicsJacobian:
             if self.method == "finite_difference":
                 return self._finite_difference(t, y, f, perturb)
             try:
-                return self._torch_func(t, y, perturb).contiguous()
+                # torch.func can promote the result (e.g. float * 0-dim float32 tensor gives float64).
+                return self._torch_func(t, y, perturb).to(y.dtype).contiguous()
             except Exception as error:  # torch.func cannot transform every function
                 if not self.fallback:
                     raise
@@ -142,12 +146,11 @@ class DynamicsJacobian:
         return jacrev(summed)(base).transpose(0, 1)
 
     def _finite_difference(self, t, y, f, perturb):
-        eps = torch.finfo(y.dtype).eps ** 0.5
+        probe = y + _difference_steps(y)
         if self.rows is None:
-            return self._dense_difference(t, y, f, perturb, eps)
+            return self._dense_difference(t, y, f, perturb, probe)
         rows = self.rows
-        base, f_rows = rows.to_rows(y), rows.to_rows(f)
-        probe = base + eps * (1 + base.abs())
+        base, f_rows, probe = rows.to_rows(y), rows.to_rows(f), rows.to_rows(probe)
         steps = probe - base  # exactly representable steps
         columns = []
         for d in range(rows.width):
@@ -157,8 +160,7 @@ class DynamicsJacobian:
             columns.append((value - f_rows) / steps[:, d, None])
         return torch.stack(columns, dim=-1)
 
-    def _dense_difference(self, t, y, f, perturb, eps):
-        probe = y + eps * (1 + y.abs())
+    def _dense_difference(self, t, y, f, perturb, probe):
         steps = probe - y
         columns = []
         for j in range(y.numel()):
@@ -166,3 +168,10 @@ class DynamicsJacobian:
             shifted[j] = probe[j]
             columns.append((self.dynamics(t, shifted, perturb) - f) / steps[j])
         return torch.stack(columns, dim=-1)
+
+
+def _difference_steps(y):
+    """sqrt(eps) * max(|y_j|, 1e-3 * max_k |y_k|), or sqrt(eps) where the whole state is 0."""
+    magnitude = y.abs()
+    floor = 1e-3 * float(magnitude.max()) if y.numel() else 0.0
+    return torch.finfo(y.dtype).eps ** 0.5 * magnitude.clamp(min=floor if floor > 0 else 1.0)

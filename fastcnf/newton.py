@@ -129,7 +129,7 @@ def solve_stage_equations(equations, guess, matrix, scale, *, max_iters, describ
     previous = None
     for iteration in range(1, max_iters + 1):
         residual = stages - equations(stages)
-        update = matrix.solve(residual).neg_()
+        update = -matrix.solve(residual)
         stages = stages + update
         size = dt * weighted_rms(update, scale)
         if not math.isfinite(size):

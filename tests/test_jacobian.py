@@ -86,3 +86,22 @@ def test_auto_uses_finite_differences_for_few_columns_and_jacfwd_otherwise():
     large, _ = _dynamics(lambda t, y: y, torch.zeros(17))
     assert DynamicsJacobian(small, "auto").method == "finite_difference"
     assert DynamicsJacobian(large, "auto").method == "jacfwd"
+
+
+def test_finite_difference_steps_follow_small_entries_in_float32():
+    """d(y^2)/dy at y = (1, 3e-5, 0): a step of sqrt(eps) would swamp the small entry."""
+    y = torch.tensor([1.0, 3e-5, 0.0])
+    dynamics, _ = _dynamics(lambda t, y: y ** 2, y)
+    jacobian = DynamicsJacobian(dynamics, "finite_difference")(0.0, y, y ** 2, Perturb.NONE)
+    assert jacobian.dtype == torch.float32
+    torch.testing.assert_close(jacobian.diagonal(), 2 * y, rtol=1e-3, atol=1e-6)
+    assert float((jacobian - torch.diag(jacobian.diagonal())).abs().max()) == 0.0
+
+
+def test_jacfwd_keeps_the_state_dtype():
+    """torch.func promotes float * 0-dim float32 tensor to float64; the Jacobian must not."""
+    y = torch.tensor([1.0, 2.0])
+    dynamics, _ = _dynamics(lambda t, y: torch.stack([-0.04 * y[0], 0.5 * y[1]]), y)
+    jacobian = DynamicsJacobian(dynamics, "jacfwd")(0.0, y, dynamics(0.0, y), Perturb.NONE)
+    assert jacobian.dtype == torch.float32
+    torch.testing.assert_close(jacobian, torch.diag(torch.tensor([-0.04, 0.5])), rtol=0, atol=1e-7)

@@ -210,7 +210,7 @@ class _Step:
 def _describe_step(name, t0, t1, reverse):
     """The step in the user's time, for error messages."""
     sign = -1 if reverse else 1
-    return f"{name}: the step from t={sign * t0!r} to t={sign * t1!r}"
+    return f"{name}: the step from t={sign * t0 + 0.0!r} to t={sign * t1 + 0.0!r}"  # + 0.0: no "-0.0"
 
 
 def _as_float(time):

@@ -72,3 +72,15 @@ def test_solve_under_grad_mode_without_inputs_needing_grad_returns_a_plain_tenso
     y = fastcnf.odeint(lambda t, y: -y ** 3, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
                        method="gl6", options=dict(step_size=0.25))
     assert not y.requires_grad
+
+
+@pytest.mark.parametrize("method", ["gl4", "trbdf2"])
+def test_event_time_gradient(method):
+    """y = a cos t + b sin t crosses 0 at t* = pi/2 for (a, b) = (1, 0): dt*/da = 0, dt*/db = 1."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
+    event_t, _ = fastcnf.odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64),
+                                      event_fn=lambda t, y: y[0], method=method, atol=1e-12,
+                                      options=dict(step_size=0.01, interp="cubic"))
+    (grad,) = torch.autograd.grad(event_t, y0)
+    tolerance = 1e-8 if method == "gl4" else 1e-4
+    torch.testing.assert_close(grad, torch.tensor([0.0, 1.0], dtype=F64), rtol=0, atol=tolerance)

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from .adams import Adams
 from .fixed_grid import FixedGridRungeKutta
+from .implicit_rk import ImplicitRungeKutta
+from .implicit_tableaus import IMPLICIT_TABLEAUS
 from .rk_adaptive import AdaptiveRungeKutta
 from .scipy_solver import ScipySolver
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_TABLEAUS
@@ -38,6 +40,7 @@ class Method:
 METHODS = {}
 METHODS.update({name: Method(AdaptiveRungeKutta, {"tableau": tab}) for name, tab in ADAPTIVE_TABLEAUS.items()})
 METHODS.update({name: Method(FixedGridRungeKutta, {"tableau": tab}) for name, tab in FIXED_TABLEAUS.items()})
+METHODS.update({name: Method(ImplicitRungeKutta, {"tableau": tab}) for name, tab in IMPLICIT_TABLEAUS.items()})
 METHODS["explicit_adams"] = Method(Adams, {"implicit": False})
 METHODS["implicit_adams"] = Method(Adams, {"implicit": True})
 METHODS["fixed_adams"] = METHODS["implicit_adams"]
@@ -45,5 +48,5 @@ METHODS["scipy_solver"] = Method(ScipySolver)
 
 
 def register_method(name, method):
-    """Add a method under ``name`` (used by the implicit solvers and by extensions)."""
+    """Add a method under ``name`` (used by extensions)."""
     METHODS[name] = method

@@ -23,13 +23,16 @@ import torch
 import torch.nn as nn
 
 from .checks import _flip_time_options, check_method, check_options, prepare, resolve_norm
-from .dynamics import CALLBACK_NAMES, Perturb, _nudge
+from .dynamics import CALLBACK_NAMES, Perturb, StateLayout, _nudge
 from .errors import InvalidOptionError
 from .norms import SegmentNorm, mixed_norm
 from .solvers import METHODS
 from .stats import backward_phase
 
 __all__ = ["odeint_adjoint", "find_parameters"]
+
+# Options describing the layout of the forward state; they do not carry over to the augmented one.
+FORWARD_STATE_OPTIONS = ("norm", "jacobian_structure")
 
 
 def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
@@ -54,7 +57,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         raise ValueError("If `adjoint_method != method` then we cannot infer `adjoint_options` from `options`. So as "
                          "`options` has been passed then `adjoint_options` must be passed as well.")
     if adjoint_options is None:
-        adjoint_options = {k: v for k, v in options.items() if k != "norm"} if options is not None else {}
+        # the forward options without those that describe the forward state itself
+        adjoint_options = {k: v for k, v in options.items() if k not in FORWARD_STATE_OPTIONS} if options else {}
     else:
         adjoint_options = dict(adjoint_options)
 
@@ -175,10 +179,12 @@ class AugmentedDynamics:
     """
 
     reverse = True
+    transformable = False  # evaluating it calls torch.autograd.grad: no torch.func transforms
 
     def __init__(self, dynamics, params, numel, time_grad, callbacks, sizes):
         self.dynamics = dynamics
         self.sizes = sizes
+        self.layout = StateLayout(torch.empty(sum(sizes), device="meta"))
         self.params = params
         self.numel = numel
         self.time_grad = time_grad

@@ -105,7 +105,9 @@ class DynamicsJacobian:
         self.rows = rows
         columns = dynamics.layout.numel if rows is None else rows.width
         if method == "auto":
-            method = "finite_difference" if columns <= AUTO_FINITE_DIFFERENCE_COLUMNS else "jacfwd"
+            small = columns <= AUTO_FINITE_DIFFERENCE_COLUMNS
+            transformable = getattr(dynamics, "transformable", True)
+            method = "finite_difference" if small or not transformable else "jacfwd"
             self.fallback = True
         else:
             self.fallback = False

@@ -204,3 +204,19 @@ def test_adjoint_callbacks_are_called():
     out = fastcnf.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64))
     out.sum().backward()
     assert func.calls["forward"] > 0 and func.calls["adjoint"] > 0
+
+
+@pytest.mark.parametrize("method, tolerance", [("radauIIA5", 1e-8), ("gl4", 1e-8), ("trbdf2", 1e-3)])
+def test_adjoint_with_implicit_methods(method, tolerance):
+    """The forward options' block-diagonal Jacobian does not carry over to the augmented state."""
+    func = MLPDynamics()
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    options = dict(step_size=0.05, jacobian_structure="block_diagonal")
+    params = [y0] + [p for name, p in func.named_parameters() if name != "unused"]
+    adjoint = torch.autograd.grad(
+        fastcnf.odeint_adjoint(func, y0, t, method=method, options=options)[-1].pow(2).sum(), params)
+    backprop = torch.autograd.grad(fastcnf.odeint(func, y0, t, method=method, options=options)[-1].pow(2).sum(),
+                                   params)
+    for got, expected in zip(adjoint, backprop):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

@@ -64,7 +64,7 @@ def test_linear_problem_gradient_is_the_discrete_propagator():
     y = fastcnf.odeint(lambda t, y: a * y, y0, torch.tensor([0.0, steps * h], dtype=F64), method="implicit_euler",
                        options=dict(step_size=h))[-1]
     (grad,) = torch.autograd.grad(y.sum(), a)
-    expected = float(y0) * steps * h * (1 - float(a) * h) ** (-steps - 1)
+    expected = y0.item() * steps * h * (1 - a.item() * h) ** (-steps - 1)
     assert float(grad) == pytest.approx(expected, rel=1e-10)
 
 

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ConcatMLP", "ExactDivergenceCNF", "exact_divergence", "eight_gaussians", "standard_normal_logpdf"]
+__all__ = ["ConcatMLP", "ExactDivergenceCNF", "HutchinsonCNF", "exact_divergence", "eight_gaussians",
+           "standard_normal_logpdf"]
 
 
 class ConcatMLP(nn.Module):
@@ -61,10 +62,35 @@ class ExactDivergenceCNF(nn.Module):
         z, _ = state
         keep_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            if z.grad_fn is None:  # a leaf (or a view made under no_grad): differentiate a fresh copy
                 z = z.detach().requires_grad_(True)
             dz = self.net(t, z)
             divergence = exact_divergence(dz, z, keep_graph)
+        if not keep_graph:
+            dz, divergence = dz.detach(), divergence.detach()
+        return dz, -divergence[:, None]
+
+
+class HutchinsonCNF(ExactDivergenceCNF):
+    """Like ``ExactDivergenceCNF`` with FFJORD's Hutchinson estimate eps^T (d net / d z) eps.
+
+    ``noise`` (B, D) is fixed (drawn once from the workload's seed), as an estimator must be
+    during one solve and its adjoint.
+    """
+
+    def __init__(self, net, noise):
+        super().__init__(net)
+        self.register_buffer("noise", noise)
+
+    def forward(self, t, state):
+        z, _ = state
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if z.grad_fn is None:  # a leaf (or a view made under no_grad): differentiate a fresh copy
+                z = z.detach().requires_grad_(True)
+            dz = self.net(t, z)
+            (vjp,) = torch.autograd.grad(dz, z, self.noise, create_graph=keep_graph)
+            divergence = (vjp * self.noise).sum(dim=1)
         if not keep_graph:
             dz, divergence = dz.detach(), divergence.detach()
         return dz, -divergence[:, None]

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .models import ConcatMLP, ExactDivergenceCNF, eight_gaussians, standard_normal_logpdf
+from .models import ConcatMLP, ExactDivergenceCNF, HutchinsonCNF, eight_gaussians, standard_normal_logpdf
 
 __all__ = ["SolverConfig", "Problem", "Workload", "decay_problem", "ffjord_2d_problem", "final_state",
            "ADAPTIVE_METHODS"]
@@ -120,7 +120,7 @@ def decay_problem(shape, *, rate=0.5, t_end=10.0, seed=0, dtype=torch.float32):
 
 
 def ffjord_2d_problem(batch=512, *, hidden=(64, 64, 64), weight_scale=4.0, t_end=1.0, seed=0,
-                      dtype=torch.float32):
+                      dtype=torch.float32, divergence="exact", time_gradient=False):
     """FFJORD-style 2-D CNF on 8-Gaussians data: state ``(z (B, 2), logp (B, 1))``.
 
     The network's default initial weights are multiplied by ``weight_scale``: at the default
@@ -128,7 +128,9 @@ def ffjord_2d_problem(batch=512, *, hidden=(64, 64, 64), weight_scale=4.0, t_end
     of 4 gives a trained-looking nonlinear flow (about 18 steps, some rejected).
 
     Loss: the negative mean log-likelihood, -mean(log N(z(T)) - logp(T)); differentiated with
-    respect to the network parameters.
+    respect to the network parameters (and, with ``time_gradient``, the output times, as a
+    trainable terminal time needs). ``divergence`` is ``"exact"`` or ``"hutchinson"`` (Gaussian
+    noise fixed by the seed).
     """
 
     def build(device):
@@ -138,8 +140,12 @@ def ffjord_2d_problem(batch=512, *, hidden=(64, 64, 64), weight_scale=4.0, t_end
         with torch.no_grad():
             for layer in net.layers:
                 layer.weight.mul_(weight_scale)
-        func = ExactDivergenceCNF(net).to(device=device, dtype=dtype)
         x = eight_gaussians(batch, generator, dtype).to(device)
+        if divergence == "exact":
+            func = ExactDivergenceCNF(net)
+        else:
+            func = HutchinsonCNF(net, torch.randn(batch, 2, generator=generator, dtype=dtype))
+        func = func.to(device=device, dtype=dtype)
         y0 = (x, torch.zeros(batch, 1, dtype=dtype, device=device))
         t = torch.tensor([0.0, t_end], dtype=dtype, device=device)
 
@@ -147,6 +153,7 @@ def ffjord_2d_problem(batch=512, *, hidden=(64, 64, 64), weight_scale=4.0, t_end
             z, logp = state
             return -(standard_normal_logpdf(z) - logp[:, 0]).mean()
 
-        return Problem(func=func, y0=y0, t=t, loss=negative_log_likelihood, inputs=tuple(func.parameters()))
+        inputs = tuple(func.parameters()) + ((t,) if time_gradient else ())
+        return Problem(func=func, y0=y0, t=t, loss=negative_log_likelihood, inputs=inputs)
 
     return build

@@ -13,8 +13,8 @@ Time gradients at no extra cost (TO-FLOW): dL/dt_i = grad_y(t_i) . f(t_i, y(t_i)
 evaluates f(t_i, y_i) once more per output time; here the backward solve of the interval ending at
 t_i starts by evaluating the augmented dynamics at (t_i, s_i) anyway, and the y-part of that
 evaluation is f(t_i, y_i). fastcnf makes that evaluation first, reads dL/dt_i off it, and hands it
-to the solver as its first evaluation (the augmented derivative does not depend on a_t). Asking for
-time gradients therefore adds no function evaluations.
+to the solver as its first evaluation. Since nothing depends on a_t, the dL/dt_i enter a_t after
+the solves, so asking for time gradients changes neither the steps nor the number of evaluations.
 """
 
 import warnings
@@ -181,13 +181,12 @@ class AugmentedDynamics:
     reverse = True
     transformable = False  # evaluating it calls torch.autograd.grad: no torch.func transforms
 
-    def __init__(self, dynamics, params, numel, time_grad, callbacks, sizes):
+    def __init__(self, dynamics, params, numel, callbacks, sizes):
         self.dynamics = dynamics
         self.sizes = sizes
         self.layout = StateLayout(torch.empty(sum(sizes), device="meta"))
         self.params = params
         self.numel = numel
-        self.time_grad = time_grad
         self.callbacks = callbacks
         self.real_dtype = dynamics.real_dtype
         self._primed = None
@@ -218,17 +217,15 @@ class AugmentedDynamics:
         y, adj_y = state[1:1 + n], state[1 + n:1 + 2 * n]
         with torch.enable_grad():
             y_var = y.detach().requires_grad_(True)
-            inputs = (y_var,) + self.params
-            if self.time_grad:
-                t_var = torch.tensor(t, dtype=torch.float64, device=state.device, requires_grad=True)
-                inputs = inputs + (t_var,)
-                f = self.dynamics(t_var, y_var)
-            else:
-                f = self.dynamics(t, y_var)
-            grads = torch.autograd.grad(f, inputs, -adj_y, allow_unused=True)
+            # a_t is integrated whether or not t needs a gradient: torchdiffeq does the same (its
+            # t_requires_grad switch has no effect), and a_t takes part in the step-size control,
+            # so this keeps the backward steps identical to torchdiffeq's.
+            t_var = torch.tensor(t, dtype=torch.float64, device=state.device, requires_grad=True)
+            f = self.dynamics(t_var, y_var)
+            grads = torch.autograd.grad(f, (y_var,) + self.params + (t_var,), -adj_y, allow_unused=True)
         vjp_y = _zero_if_none(grads[0], y)
         vjp_params = [_zero_if_none(g, p).reshape(-1) for g, p in zip(grads[1:1 + len(self.params)], self.params)]
-        if self.time_grad and grads[-1] is not None:
+        if grads[-1] is not None:
             vjp_t = grads[-1].to(state.dtype).reshape(1)
         else:
             vjp_t = state.new_zeros(1)
@@ -293,7 +290,7 @@ def _solve_adjoint(problem, config, params, t, solution, grad_solution, t_requir
     """Integrate the adjoint backwards over every output interval; returns dL/dy0, dL/dparams, dL/dt."""
     n = problem.y0.numel()
     dtype, device = solution.dtype, solution.device
-    augmented = AugmentedDynamics(problem.dynamics, params, n, t_requires_grad, config.callbacks, config.sizes)
+    augmented = AugmentedDynamics(problem.dynamics, params, n, config.callbacks, config.sizes)
     method = METHODS[config.method]
     times = t.tolist()
     state = torch.cat([solution.new_zeros(1), solution[-1], grad_solution[-1],
@@ -303,16 +300,17 @@ def _solve_adjoint(problem, config, params, t, solution, grad_solution, t_requir
         tau = torch.tensor([-times[i], -times[i - 1]], dtype=torch.float64)
         derivative = augmented.prime(-times[i], state)
         if t_requires_grad:
+            # dL/dt_i from the evaluation the solver starts with anyway. It enters a_t additively
+            # (nothing depends on a_t), so it is applied after the solve: the backward steps are
+            # then the same whether or not t requires grad.
             f_i = -derivative[1:1 + n]
-            dl_dti = torch.dot(f_i, grad_solution[i])
-            state[0] -= dl_dti
-            time_vjps[i] = dl_dti
+            time_vjps[i] = torch.dot(f_i, grad_solution[i])
         solver = method.build(augmented, state, config.rtol, config.atol, dict(config.options))
         state = solver.integrate(tau)[-1].clone()
         state[1:1 + n] = solution[i - 1]
         state[1 + n:1 + 2 * n] += grad_solution[i - 1]
     if t_requires_grad:
-        time_vjps[0] = state[0]
+        time_vjps[0] = state[0] - time_vjps[1:].sum()
     offsets = torch.split(state, list(config.sizes))
     adj_y0 = offsets[2]
     adj_params = [a.view_as(p).to(p.dtype) for a, p in zip(offsets[3:], params)]

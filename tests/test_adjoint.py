@@ -72,16 +72,22 @@ def test_adjoint_gradcheck_small_problem():
 
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8"])
-def test_adjoint_matches_torchdiffeq(method):
+@pytest.mark.parametrize("t_requires_grad", [False, True])
+def test_adjoint_matches_torchdiffeq(method, t_requires_grad):
+    """Same backward steps as torchdiffeq without time gradients; with them torchdiffeq's steps
+    shift (its dL/dt terms enter the error control), so agreement is to solver accuracy."""
     func = MLPDynamics()
     y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([0.0, 0.5, 1.2], dtype=torch.float64, requires_grad=True)
-    tol = dict(rtol=1e-7, atol=1e-8)
+    t = torch.tensor([0.0, 0.5, 1.2], dtype=torch.float64, requires_grad=t_requires_grad)
+    tol = dict(rtol=1e-9, atol=1e-10) if t_requires_grad else dict(rtol=1e-7, atol=1e-8)
     out_a, grads_a, stats_a = _grads(torchdiffeq, func, y0, t, _loss, method=method, **tol)
     out_b, grads_b, stats_b = _grads(fastcnf, func, y0, t, _loss, method=method, **tol)
-    torch.testing.assert_close(out_b, out_a, rtol=1e-9, atol=1e-9)
+    # dopri8's error estimate is at rounding level here, so its step sizes differ by rounding
+    output_tolerance = 1e-6 if method == "dopri8" else 1e-9
+    torch.testing.assert_close(out_b, out_a, rtol=output_tolerance, atol=output_tolerance)
+    tolerance = dict(rtol=1e-5, atol=1e-7) if t_requires_grad or method == "dopri8" else dict(rtol=1e-6, atol=1e-8)
     for got, expected in zip(grads_b, grads_a):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
 def test_time_gradients_cost_no_extra_evaluations():
@@ -136,9 +142,9 @@ def test_tuple_state_reverse_time_and_seminorm_match_torchdiffeq():
             grads = [p.grad.clone() for p in [a0, b0, t]] + [
                 torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in func.parameters()]
             results[library.__name__, norm] = grads, stats.nfe_backward
-    for norm in (None, "seminorm"):
+    for norm in (None, "seminorm"):  # t requires grad: agreement to solver accuracy
         for got, expected in zip(results["fastcnf", norm][0], results["torchdiffeq", norm][0]):
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     # the seminorm gives the same gradients with fewer backward evaluations
     for got, expected in zip(results["fastcnf", "seminorm"][0], results["fastcnf", None][0]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
@@ -220,3 +226,39 @@ def test_adjoint_with_implicit_methods(method, tolerance):
                                    params)
     for got, expected in zip(adjoint, backprop):
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_time_gradient_with_ffjord_style_dynamics():
+    """Dynamics that call autograd.grad on a detached copy of a state without grad (FFJORD's idiom).
+
+    torchdiffeq 0.2.5 raises "differentiated Tensor ... not used in the graph" here when t requires
+    grad, because it re-evaluates func under no_grad on views of its saved solution.
+    """
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2, 2).double()
+
+    class WithInnerGrad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, t, z):
+            with torch.enable_grad():
+                if not z.requires_grad:
+                    z = z.detach().requires_grad_(True)
+                dz = torch.tanh(self.linear(z)) * (1 + t)
+                (inner,) = torch.autograd.grad(dz.sum(), z, create_graph=True)
+            return dz + 0.1 * inner
+
+    func = WithInnerGrad()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    end = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    times = torch.stack([torch.zeros((), dtype=torch.float64), end])
+    fastcnf.odeint_adjoint(func, y0, times, rtol=1e-10, atol=1e-10)[-1].pow(2).sum().backward()
+
+    def loss_at(value):
+        grid = torch.tensor([0.0, value], dtype=torch.float64)
+        return fastcnf.odeint(func, y0, grid, rtol=1e-12, atol=1e-12)[-1].pow(2).sum().item()
+
+    finite_difference = (loss_at(0.9 + 1e-5) - loss_at(0.9 - 1e-5)) / 2e-5
+    assert end.grad.item() == pytest.approx(finite_difference, rel=1e-6)

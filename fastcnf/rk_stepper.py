@@ -7,7 +7,9 @@ How that combination is formed depends on the situation:
 * outside autograd, small states (N <= ``FUSED_MAX_NUMEL``) on CPU with the C++ extension: the
   extension's fused combiner (one call, one pass, no intermediate tensors);
 * outside autograd otherwise: in-place ``add_`` over the non-zero weights, which torch spreads
-  over all CPU threads (for large states this beats a tall-skinny ``addmv``).
+  over all CPU threads (for large states this beats a tall-skinny ``addmv``);
+* with the Triton backend (CUDA tensors by default), in and outside autograd: one launch of the
+  fused stage kernel of ``fastcnf.kernels.rk_stage`` per combination.
 
 Outside autograd two stage buffers are reused for a whole solve; the one holding the accepted
 step is never written by the next trial.
@@ -41,6 +43,7 @@ class ExplicitRKStepper:
         self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
         self.numel, self.dtype, self.device = numel, dtype, device
         self.buffers = self.combiner = None
+        self.triton = _triton_combiner(tableau, dtype, device)
         self._sparse_rows = [[(j, w) for j, w in enumerate(row) if w != 0] for row in tableau.a]
         self._sparse_b = [(j, w) for j, w in enumerate(tableau.b) if w != 0]
 
@@ -81,6 +84,8 @@ class ExplicitRKStepper:
             rows = self._rows[buffer]
             rows[0].copy_(f0)
             combine = self._combine_fused if self.combiner is not None else self._combine_inplace
+        if self.triton is not None:
+            combine = self._combine_triton
         yi = y0
         for i in range(1, len(c)):
             yi = combine(i, y0, stages, dt)
@@ -112,6 +117,11 @@ class ExplicitRKStepper:
             out.add_(stages[j], alpha=weight * dt)
         return out
 
+    def _combine_triton(self, i, y0, stages, dt):
+        if i is None:
+            return self.triton.solution(y0, stages, dt)
+        return self.triton.stage(i, y0, stages, dt)
+
     def _step_tensor_dt(self, t0, y0, f0, dt, t1):
         """Stages when dt is a tensor carrying gradients (fixed grids built from a differentiable t)."""
         c, dynamics = self.c, self.dynamics
@@ -122,6 +132,15 @@ class ExplicitRKStepper:
             stages.append(dynamics(ti, yi, self.end_perturb if c[i] == 1 else Perturb.NONE))
         stages = torch.stack(stages)
         return y0 + dt * torch.mv(stages.t(), self.b), stages
+
+
+def _triton_combiner(tableau, dtype, device):
+    """The Triton stage combiner when the Triton backend runs this state, else None."""
+    if select_backend(device) != "triton" or dtype not in (torch.float32, torch.float64):
+        return None
+    from .kernels.rk_stage import StageCombiner
+
+    return StageCombiner(tableau.a, tableau.b, dtype, device)
 
 
 def _identity(t):

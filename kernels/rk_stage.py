@@ -254,17 +254,18 @@ class ErrorRatio:
             dt: float step size.
         """
         _check_error_inputs(self.row, self.numel, y0, y1, stages)
-        out = torch.zeros(1, dtype=torch.float64, device=y0.device)
-        if self.num_blocks:
-            rtol = self.rtol if self.rtol is not None else self.partials
-            atol = self.atol if self.atol is not None else self.partials
-            _error_partials_kernel[(self.num_blocks,)](
-                self.partials, y0, y1, stages, self.row.indices, self.row.weights, self.row.indices.numel(),
-                float(dt), self.rtol_value, self.atol_value, rtol, atol, self.block_bounds, self.num_blocks,
-                y0.stride(0), y1.stride(0), stages.stride(0), stages.stride(1),
-                RTOL_PER_ELEMENT=self.rtol is not None, ATOL_PER_ELEMENT=self.atol is not None, BLOCK=NORM_BLOCK)
-            _error_finalize_kernel[(1,)](out, self.partials, self.segment_blocks, self.segment_sizes,
-                                         self.num_segments, CHUNK=FINALIZE_CHUNK)
+        out = torch.empty(1, dtype=torch.float64, device=y0.device)
+        if not self.num_blocks:  # every segment skipped or empty
+            return out.zero_()[0]
+        rtol = self.rtol if self.rtol is not None else self.partials
+        atol = self.atol if self.atol is not None else self.partials
+        _error_partials_kernel[(self.num_blocks,)](
+            self.partials, y0, y1, stages, self.row.indices, self.row.weights, self.row.indices.numel(),
+            float(dt), self.rtol_value, self.atol_value, rtol, atol, self.block_bounds, self.num_blocks,
+            y0.stride(0), y1.stride(0), stages.stride(0), stages.stride(1),
+            RTOL_PER_ELEMENT=self.rtol is not None, ATOL_PER_ELEMENT=self.atol is not None, BLOCK=NORM_BLOCK)
+        _error_finalize_kernel[(1,)](out, self.partials, self.segment_blocks, self.segment_sizes,
+                                     self.num_segments, CHUNK=FINALIZE_CHUNK)
         return out[0]
 
     def value(self, y0, y1, stages, dt):

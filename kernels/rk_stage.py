@@ -15,8 +15,9 @@ Two kernels replace the O(stages) small tensor ops of an explicit Runge-Kutta st
 
 States are flat (N,) tensors with any element stride and stages an (S, N) buffer with any
 strides, in float32 or float64. Stage combinations are computed in the state dtype (on a GPU
-the compiler may fuse multiply-adds), the error ratio in float64 for both (as the C++ controller does). A non-finite new state or error makes
-the ratio NaN. The plain torch references are ``stage_combine_reference`` and
+the compiler may fuse multiply-adds), the error ratio in float64 for both, as the C++
+controller does; a non-finite new state or error makes the ratio NaN. ``dt`` reaches the
+kernels as float64. The plain torch references are ``stage_combine_reference`` and
 ``fastcnf.controller.scaled_error_ratio``.
 """
 

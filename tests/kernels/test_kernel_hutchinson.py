@@ -86,11 +86,11 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.parametrize("activation, time_concat", [(name, "all") for name in ACTIVATIONS]
                          + [("tanh", "first"), ("softplus", "none")])
-def test_gradcheck(activation, time_concat):
+def test_gradcheck(activation, time_concat, device):
     """Gradients of (f, quad) for z, eps, t, every weight and bias (float64 finite differences)."""
-    spec = _spec((2, 4, 3, 2), activation, time_concat)
-    z, eps = _inputs(3, 2, torch.float64, "cpu")
-    t = torch.tensor(0.3, dtype=torch.float64)
+    spec = _spec((2, 4, 3, 2), activation, time_concat, device=device)
+    z, eps = _inputs(3, 2, torch.float64, device)
+    t = torch.tensor(0.3, dtype=torch.float64, device=device)
     inputs = [x.clone().requires_grad_() for x in (z, eps, t, *spec.weights, *spec.biases)]
 
     def fused(z, eps, t, *params):
@@ -154,13 +154,14 @@ def test_no_grad_path_skips_saving(device, monkeypatch):
     torch.testing.assert_close(quad, hutchinson.hutchinson_reference(spec, 0.0, z, eps)[1], **TOL[torch.float64])
 
 
-def test_supports(triton_backend, monkeypatch):
-    spec = _spec((2, 8, 2))
-    assert hutchinson.supports(spec, "cpu")
-    assert not hutchinson.supports(_spec((2, hutchinson.MAX_WIDTH + 1, 2)), "cpu")
-    assert not hutchinson.supports(_with_params(spec, [p.half() for p in spec.weights + spec.biases]), "cpu")
+def test_supports(triton_backend, monkeypatch, device):
+    spec = _spec((2, 8, 2), device=device)
+    assert hutchinson.supports(spec, device)
+    assert not hutchinson.supports(_spec((2, hutchinson.MAX_WIDTH + 1, 2), device=device), device)
+    assert not hutchinson.supports(_with_params(spec, [p.half() for p in spec.weights + spec.biases]), device)
     monkeypatch.setenv("FASTCNF_BACKEND", "auto")
-    assert not hutchinson.supports(spec, "cpu")  # CPU solves keep autograd unless Triton is forced
+    # CPU solves keep autograd unless Triton is forced; CUDA ones use the kernel.
+    assert hutchinson.supports(spec, device) == (device.type == "cuda")
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -63,9 +63,9 @@ def test_stage_combine_non_contiguous(dtype, device):
     torch.testing.assert_close(rk_stage.stage_combine(y0, stages, weights, 0.05), expected, **COMBINE_TOL[dtype])
 
 
-def test_stage_combine_gradcheck():
-    y0 = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    stages = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+def test_stage_combine_gradcheck(device):
+    y0 = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    stages = torch.randn(4, 7, dtype=torch.float64, device=device, requires_grad=True)
     weights = [0.5, 0.0, -1.25]  # a zero weight and a stage (the last) outside the row
     assert torch.autograd.gradcheck(lambda y, k: rk_stage.stage_combine(y, k, weights, 0.3), (y0, stages))
 

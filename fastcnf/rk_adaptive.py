@@ -82,6 +82,12 @@ class AdaptiveRungeKutta:
 
     # ------------------------------------------------------------------ setup
     def _make_controller(self, backend):
+        triton = (backend == "triton" and self.y0.dtype in (torch.float32, torch.float64)
+                  and isinstance(self.norm, SegmentNorm))
+        if triton:
+            return _TritonController(self.tableau, self.norm, self.y0, self.rtol, self.atol,
+                                     order=float(self.tableau.order), safety=self.safety, ifactor=self.ifactor,
+                                     dfactor=self.dfactor, min_step=self.min_step, max_step=self.max_step)
         fused = (
             backend == "cpp"
             and self.y0.device.type == "cpu"
@@ -309,6 +315,20 @@ class _FusedController:
 
     def step(self, y0, y1, stages, dt):
         return self.cpp.step(y0.data_ptr(), y1.data_ptr(), stages.data_ptr(), stages.stride(0), dt)
+
+
+class _TritonController(py_controller.StepController):
+    """The Python controller with its error ratio from the fused Triton kernel (one launch pair and
+    one host sync per step)."""
+
+    def __init__(self, tableau, norm, y0, rtol, atol, **args):
+        from .kernels.rk_stage import ErrorRatio
+
+        super().__init__(error_weights=None, rtol=rtol, atol=atol, norm=norm, **args)
+        self.fused_ratio = ErrorRatio(tableau.b_error, norm, y0.numel(), rtol, atol, y0.device)
+
+    def error_ratio(self, y0, y1, stages, dt):
+        return self.fused_ratio.value(y0, y1, stages, dt)
 
 
 def _sorted_floats(values):

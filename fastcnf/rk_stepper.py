@@ -9,7 +9,10 @@ How that combination is formed depends on the situation:
 * outside autograd, small states (N <= ``FUSED_MAX_NUMEL``) on CPU with the C++ extension: the
   extension's fused combiner (one call, one pass, no intermediate tensors);
 * outside autograd otherwise: in-place ``add_`` over the non-zero weights, which torch spreads
-  over all CPU threads (for large states this beats a tall-skinny ``addmv``).
+  over all CPU threads (for large states this beats a tall-skinny ``addmv``);
+* with the Triton backend (CUDA tensors by default): one launch of the fused stage kernel of
+  ``fastcnf.kernels.rk_stage`` per combination (under autograd on the stacked stages, through the
+  kernel's autograd.Function).
 
 Outside autograd two stage buffers are reused for a whole solve; the one holding the accepted
 step is never written by the next trial.
@@ -43,6 +46,7 @@ class ExplicitRKStepper:
         self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
         self.numel, self.dtype, self.device = numel, dtype, device
         self.buffers = self.combiner = None
+        self.triton = _triton_combiner(tableau, dtype, device)
         self._sparse_rows = [[(j, w) for j, w in enumerate(row) if w != 0] for row in tableau.a]
         self._sparse_b = [(j, w) for j, w in enumerate(tableau.b) if w != 0]
 
@@ -79,7 +83,10 @@ class ExplicitRKStepper:
         stages = self.buffers[buffer]
         rows = self._rows[buffer]
         rows[0].copy_(f0)
-        combine = self._combine_fused if self.combiner is not None else self._combine_inplace
+        if self.triton is not None:
+            combine = self._combine_triton
+        else:
+            combine = self._combine_fused if self.combiner is not None else self._combine_inplace
         yi = y0
         for i in range(1, len(c)):
             yi = combine(i, y0, stages, dt)
@@ -98,14 +105,21 @@ class ExplicitRKStepper:
         stages = [f0]
         yi = y0
         for i in range(1, len(c)):
-            yi = _scaled_sum(y0, stages, self._sparse_rows[i], dt)
+            yi = self._combine_list(i, y0, stages, dt)
             if c[i] == 1:
                 stages.append(dynamics(time(t1), yi, self.end_perturb))
             else:
                 stages.append(dynamics(time(t0 + c[i] * dt), yi))
         if not self.tableau.fsal:
-            yi = _scaled_sum(y0, stages, self._sparse_b, dt)
+            yi = self._combine_list(None, y0, stages, dt)
         return yi, torch.stack(stages), stages[-1]
+
+    def _combine_list(self, i, y0, stages, dt):
+        """Stage input (or, for ``i=None``, the solution) from a list of stage tensors under autograd."""
+        if self.triton is not None:  # one kernel launch (and a stack, whose backward is free)
+            stacked = torch.stack(stages)
+            return self.triton.solution(y0, stacked, dt) if i is None else self.triton.stage(i, y0, stacked, dt)
+        return _scaled_sum(y0, stages, self._sparse_b if i is None else self._sparse_rows[i], dt)
 
     def _combine_fused(self, i, y0, stages, dt):
         out = torch.empty_like(y0)
@@ -122,6 +136,11 @@ class ExplicitRKStepper:
             out.add_(stages[j], alpha=weight * dt)
         return out
 
+    def _combine_triton(self, i, y0, stages, dt):
+        if i is None:
+            return self.triton.solution(y0, stages, dt)
+        return self.triton.stage(i, y0, stages, dt)
+
     def _step_tensor_dt(self, t0, y0, f0, dt, t1):
         """Stages when dt is a tensor carrying gradients (fixed grids built from a differentiable t)."""
         c, dynamics = self.c, self.dynamics
@@ -133,6 +152,15 @@ class ExplicitRKStepper:
         last = stages[-1]
         stages = torch.stack(stages)
         return y0 + dt * torch.mv(stages.t(), self.b), stages, last
+
+
+def _triton_combiner(tableau, dtype, device):
+    """The Triton stage combiner when the Triton backend runs this state, else None."""
+    if select_backend(device) != "triton" or dtype not in (torch.float32, torch.float64):
+        return None
+    from .kernels.rk_stage import StageCombiner
+
+    return StageCombiner(tableau.a, tableau.b, dtype, device)
 
 
 def _identity(t):

@@ -36,9 +36,10 @@ def scaled_error_ratio(y0, y1, stages, error_weights, dt, rtol, atol, norm):
     Returns:
         The error ratio as a Python float (may be NaN or Inf).
     """
-    error = torch.mv(stages.t(), error_weights) * dt
-    tolerance = atol + rtol * torch.maximum(y0.abs(), y1.abs())
-    return float(norm(error / tolerance))
+    with torch.no_grad():  # step-size decisions carry no gradient
+        error = torch.mv(stages.t(), error_weights) * dt
+        tolerance = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+        return float(norm(error / tolerance))
 
 
 def propose_step(error_ratio, dt, order, safety, ifactor, dfactor, min_step, max_step):

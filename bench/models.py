@@ -65,10 +65,14 @@ class ExactDivergenceCNF(nn.Module):
             if z.grad_fn is None:  # a leaf (or a view made under no_grad): differentiate a fresh copy
                 z = z.detach().requires_grad_(True)
             dz = self.net(t, z)
-            divergence = exact_divergence(dz, z, keep_graph)
+            divergence = self.divergence(dz, z, keep_graph)
         if not keep_graph:
             dz, divergence = dz.detach(), divergence.detach()
         return dz, -divergence[:, None]
+
+    def divergence(self, dz, z, keep_graph):
+        """tr(d dz / d z) per sample (B,)."""
+        return exact_divergence(dz, z, keep_graph)
 
 
 class HutchinsonCNF(ExactDivergenceCNF):
@@ -82,18 +86,9 @@ class HutchinsonCNF(ExactDivergenceCNF):
         super().__init__(net)
         self.register_buffer("noise", noise)
 
-    def forward(self, t, state):
-        z, _ = state
-        keep_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            if z.grad_fn is None:  # a leaf (or a view made under no_grad): differentiate a fresh copy
-                z = z.detach().requires_grad_(True)
-            dz = self.net(t, z)
-            (vjp,) = torch.autograd.grad(dz, z, self.noise, create_graph=keep_graph)
-            divergence = (vjp * self.noise).sum(dim=1)
-        if not keep_graph:
-            dz, divergence = dz.detach(), divergence.detach()
-        return dz, -divergence[:, None]
+    def divergence(self, dz, z, keep_graph):
+        (vjp,) = torch.autograd.grad(dz, z, self.noise, create_graph=keep_graph)
+        return (vjp * self.noise).sum(dim=1)
 
 
 def eight_gaussians(count, generator, dtype=torch.float32):

@@ -18,6 +18,8 @@ components are damped in one step); the others are A-stable only.
 import math
 from dataclasses import dataclass
 
+from .tableaus import require
+
 __all__ = [
     "ImplicitTableau",
     "IMPLICIT_EULER",
@@ -48,16 +50,16 @@ class ImplicitTableau:
 
     def __post_init__(self):
         stages = len(self.c)
-        _require(stages > 0, f"{self.name}: a tableau needs at least one stage")
-        _require(len(self.b) == stages, f"{self.name}: b must have {stages} entries")
-        _require(len(self.a) == stages, f"{self.name}: a must have {stages} rows")
+        require(stages > 0, f"{self.name}: a tableau needs at least one stage")
+        require(len(self.b) == stages, f"{self.name}: b must have {stages} entries")
+        require(len(self.a) == stages, f"{self.name}: a must have {stages} rows")
         for i, row in enumerate(self.a):
-            _require(len(row) == stages, f"{self.name}: row {i} of a must have {stages} entries")
-            _require(abs(sum(row) - self.c[i]) < _CHECK_TOL, f"{self.name}: row {i} of a does not sum to c[{i}]")
-        _require(abs(sum(self.b) - 1) < _CHECK_TOL, f"{self.name}: b does not sum to 1")
+            require(len(row) == stages, f"{self.name}: row {i} of a must have {stages} entries")
+            require(abs(sum(row) - self.c[i]) < _CHECK_TOL, f"{self.name}: row {i} of a does not sum to c[{i}]")
+        require(abs(sum(self.b) - 1) < _CHECK_TOL, f"{self.name}: b does not sum to 1")
         for k in range(1, self.order + 1):
             quadrature = sum(b * c ** (k - 1) for b, c in zip(self.b, self.c))
-            _require(abs(quadrature - 1 / k) < _CHECK_TOL,
+            require(abs(quadrature - 1 / k) < _CHECK_TOL,
                      f"{self.name}: sum_i b_i c_i^{k - 1} = {quadrature!r}, not 1/{k}; the nodes and weights "
                      f"cannot give order {self.order}")
 
@@ -73,11 +75,6 @@ class ImplicitTableau:
     def explicit_stage(self, i):
         """True when stage ``i`` depends on no unknown stage (its row of ``a`` is zero from ``i`` on)."""
         return all(self.a[i][j] == 0 for j in range(i, self.stages))
-
-
-def _require(condition, message):
-    if not condition:
-        raise ValueError(message)
 
 
 def _rows(*rows):

@@ -47,18 +47,18 @@ class ButcherTableau:
 
     def __post_init__(self):
         stages = len(self.c)
-        _require(len(self.a) == stages, f"{self.name}: a must have {stages} rows")
-        _require(len(self.b) == stages, f"{self.name}: b must have {stages} entries")
-        _require(self.c[0] == 0, f"{self.name}: the first node must be 0")
+        require(len(self.a) == stages, f"{self.name}: a must have {stages} rows")
+        require(len(self.b) == stages, f"{self.name}: b must have {stages} entries")
+        require(self.c[0] == 0, f"{self.name}: the first node must be 0")
         for i, row in enumerate(self.a):
-            _require(len(row) == i, f"{self.name}: row {i} of a must have {i} entries")
-            _require(abs(sum(row) - self.c[i]) < _CHECK_TOL, f"{self.name}: row {i} of a does not sum to c[{i}]")
-        _require(abs(sum(self.b) - 1) < _CHECK_TOL, f"{self.name}: b does not sum to 1")
+            require(len(row) == i, f"{self.name}: row {i} of a must have {i} entries")
+            require(abs(sum(row) - self.c[i]) < _CHECK_TOL, f"{self.name}: row {i} of a does not sum to c[{i}]")
+        require(abs(sum(self.b) - 1) < _CHECK_TOL, f"{self.name}: b does not sum to 1")
         if self.b_error is not None:
-            _require(len(self.b_error) == stages, f"{self.name}: b_error must have {stages} entries")
-            _require(abs(sum(self.b_error)) < _CHECK_TOL, f"{self.name}: b_error does not sum to 0")
+            require(len(self.b_error) == stages, f"{self.name}: b_error must have {stages} entries")
+            require(abs(sum(self.b_error)) < _CHECK_TOL, f"{self.name}: b_error does not sum to 0")
         if self.b_mid is not None:
-            _require(len(self.b_mid) == stages, f"{self.name}: b_mid must have {stages} entries")
+            require(len(self.b_mid) == stages, f"{self.name}: b_mid must have {stages} entries")
 
     @property
     def stages(self):
@@ -74,7 +74,8 @@ class ButcherTableau:
         return self.c[-1] == 1 and self.b[-1] == 0 and tuple(self.a[-1]) == tuple(self.b[:-1])
 
 
-def _require(condition, message):
+def require(condition, message):
+    """Raise ValueError(message) unless ``condition`` (tableau checks)."""
     if not condition:
         raise ValueError(message)
 

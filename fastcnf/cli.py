@@ -88,7 +88,7 @@ def _add_train_parser(commands):
     group.add_argument("--weight-decay", dest="weight_decay", type=float, help="Adam weight decay (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="cpu or cuda (default cpu)")
-    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU)")
     group = parser.add_argument_group("output")
     group.add_argument("--out", help="run directory (default runs/fastcnf)")
     group.add_argument("--val-every", dest="val_every", type=int, help="validate every N iterations (100)")

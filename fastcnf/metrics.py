@@ -40,12 +40,17 @@ class MetricsLog:
             return list(csv.DictReader(handle))
 
     def truncate(self, iteration):
-        """Keep the rows with iteration <= ``iteration`` (atomically rewritten)."""
+        """Keep the complete rows with iteration <= ``iteration`` (atomically rewritten).
+
+        A row cut short by a killed process (no final newline) is dropped too.
+        """
         if self.columns is None:
             return
-        kept = [row for row in self.rows() if int(row["iteration"]) <= iteration]
-        lines = [",".join(self.columns)] + [",".join(row[c] for c in self.columns) for row in kept]
-        atomic_write_text("\n".join(lines) + "\n", self.path)
+        with open(self.path, newline="") as handle:
+            lines = handle.readlines()
+        complete = [line for line in lines[1:] if line.endswith("\n")]
+        kept = [line for line in complete if int(line.split(",", 1)[0]) <= iteration]
+        atomic_write_text("".join([lines[0]] + kept), self.path)
 
     def append(self, row):
         if self.columns is None:

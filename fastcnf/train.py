@@ -56,6 +56,14 @@ def select_device(name):
     return device
 
 
+def _thread_count(threads, device):
+    """``threads``, or 1 on CPU: CNF-sized ops run fastest single-threaded (several times faster than 2
+    threads on a 2-core machine), and a fixed count keeps CPU runs reproducible."""
+    if threads is not None:
+        return threads
+    return 1 if device.type == "cpu" else torch.get_num_threads()
+
+
 def _fork_rng(device):
     devices = [device] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
@@ -105,8 +113,7 @@ class Trainer:
         self.config, self.progress, self.out = config, progress, config.out
         self.checkpoint_file = os.path.join(self.out, CHECKPOINT_NAME)
         self.device = select_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(_thread_count(config.threads, self.device))
         seed_everything(config.seed)
         self.dataset = load_dataset(config.data, config.seed, config.logit)
         if checkpoint is None:
@@ -202,7 +209,7 @@ class Trainer:
 
         config = self.config
         bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.progress, unit="it",
-                   dynamic_ncols=True, desc=f"{config.method} {config.data}")
+                   dynamic_ncols=True, mininterval=0.5, desc=f"{config.method} {config.data}")
         try:
             while self.iteration < config.iterations:
                 row = self.train_step()

@@ -23,6 +23,7 @@ Hutchinson estimators use it where ``supports(spec, device)`` holds and fall bac
 
 import importlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -209,10 +210,10 @@ class FiniteDifferenceDivergence(_NoiseEstimator):
 
 ESTIMATORS = {
     "exact": ExactDivergence,
-    "hutchinson-gaussian": lambda **kw: HutchinsonDivergence("gaussian", **kw),
-    "hutchinson-rademacher": lambda **kw: HutchinsonDivergence("rademacher", **kw),
-    "fd-gaussian": lambda **kw: FiniteDifferenceDivergence("gaussian", **kw),
-    "fd-rademacher": lambda **kw: FiniteDifferenceDivergence("rademacher", **kw),
+    "hutchinson-gaussian": partial(HutchinsonDivergence, "gaussian"),
+    "hutchinson-rademacher": partial(HutchinsonDivergence, "rademacher"),
+    "fd-gaussian": partial(FiniteDifferenceDivergence, "gaussian"),
+    "fd-rademacher": partial(FiniteDifferenceDivergence, "rademacher"),
 }
 
 

@@ -94,6 +94,7 @@ def load_run(location, device="cpu"):
     checkpoint = load_checkpoint(location)
     config = TrainConfig.from_dict(checkpoint["config"])
     device = select_device(device)
+    torch.set_num_threads(_thread_count(config.threads, device))
     dataset = load_dataset(config.data, config.seed, config.logit)
     model = TRAINING_METHODS[config.method]().build_model(config, checkpoint["dim"]).to(device)
     model.load_state_dict(checkpoint["model"])

@@ -45,6 +45,11 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     defaults to ``options`` without ``norm``). ``adjoint_options=dict(norm="seminorm")`` leaves the
     parameter adjoints out of the backward error control. ``adjoint_params`` defaults to
     ``func.parameters()``; parameters that do not affect the output get zero gradients.
+
+    With several output times the adjoint is solved interval by interval (its state jumps by
+    the loss gradient at each output). fastcnf starts each interval with the step size the
+    previous one ended with (``adjoint_options=dict(carry_step_size=False)`` restarts the step
+    size selection per interval, exactly as torchdiffeq does).
     """
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError("func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
@@ -98,6 +103,11 @@ class _BackwardConfig:
         self.rtol = _scalar_tolerance("adjoint_rtol", rtol)
         self.atol = _scalar_tolerance("adjoint_atol", atol)
         user_norm = options.pop("norm", None)
+        self.carry_step_size = options.pop("carry_step_size", True)
+        if not isinstance(self.carry_step_size, bool):
+            raise InvalidOptionError(f"adjoint option 'carry_step_size' must be True or False, got "
+                                     f"{self.carry_step_size!r}.")
+        self.carry_step_size = self.carry_step_size and METHODS[self.method].adaptive
         self.options = check_options(self.method, options)
         if not problem.reverse:  # options are in user time; the backward solve runs in tau = -t_internal
             _flip_time_options(self.options)
@@ -296,6 +306,7 @@ def _solve_adjoint(problem, config, params, t, solution, grad_solution, t_requir
     state = torch.cat([solution.new_zeros(1), solution[-1], grad_solution[-1],
                        *[torch.zeros(p.numel(), dtype=dtype, device=device) for p in params]])
     time_vjps = torch.zeros(len(times), dtype=t.dtype, device=t.device) if t_requires_grad else None
+    step_size = None  # carried from one output interval to the next (see carry_step_size)
     for i in range(len(times) - 1, 0, -1):
         tau = torch.tensor([-times[i], -times[i - 1]], dtype=torch.float64)
         derivative = augmented.prime(-times[i], state)
@@ -305,8 +316,12 @@ def _solve_adjoint(problem, config, params, t, solution, grad_solution, t_requir
             # then the same whether or not t requires grad.
             f_i = -derivative[1:1 + n]
             time_vjps[i] = torch.dot(f_i, grad_solution[i])
-        solver = method.build(augmented, state, config.rtol, config.atol, dict(config.options))
+        options = dict(config.options)
+        if config.carry_step_size and step_size is not None:
+            options["first_step"] = step_size
+        solver = method.build(augmented, state, config.rtol, config.atol, options)
         state = solver.integrate(tau)[-1].clone()
+        step_size = getattr(solver, "last_step_size", None)
         state[1:1 + n] = solution[i - 1]
         state[1 + n:1 + 2 * n] += grad_solution[i - 1]
     if t_requires_grad:

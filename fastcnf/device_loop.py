@@ -114,6 +114,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
         remaining = (end - t_now) / dt_now if dt_now > 0 else 1.0
         steps_until_check = int(min(check_every, max(1, math.ceil(remaining / 2))))
     solver.accepted, solver.rejected = int(accepted), int(rejected)
+    solver.last_step_size = dt_now
     return outputs
 
 

@@ -77,6 +77,7 @@ class AdaptiveRungeKutta:
         self.b_error = torch.tensor(tableau.b_error, dtype=y0.dtype, device=y0.device)
         self.controller = self._make_controller(select_backend(y0.device))
         self.time_anchor = None
+        self.last_step_size = None  # the step size proposed after the last step of integrate()
         self.accepted = self.rejected = 0
         self._last_nonfinite = False
 
@@ -139,6 +140,7 @@ class AdaptiveRungeKutta:
                 for i in range(1, len(times)):
                     step = self._advance(step, times[i])
                     outputs.append(self._dense(step, t[i] if time_grad else times[i]))
+                self.last_step_size = step.dt_next
         finally:
             self._report()
         return torch.stack(outputs)

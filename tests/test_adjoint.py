@@ -50,11 +50,13 @@ def test_adjoint_matches_backprop_through_odeint(method, options):
         p.grad = None
     out = fastcnf.odeint(func, y0, t, method=method, options=options, **tol)
     _loss(out).backward()
-    # y0 and parameter gradients: the adjoint equals backprop up to solver accuracy
-    torch.testing.assert_close(adjoint[0], y0.grad, rtol=1e-5, atol=1e-6)
+    # y0 and parameter gradients: the adjoint equals backprop up to solver accuracy (both
+    # approximate the exact gradient; the third-order bosh3 only to about 1e-6 here)
+    accuracy = dict(rtol=1e-4, atol=1e-5) if method == "bosh3" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adjoint[0], y0.grad, **accuracy)
     for got, param in zip(adjoint[2:], func.parameters()):
         expected = torch.zeros_like(param) if param.grad is None else param.grad
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, expected, **accuracy)
     # unused parameters get zeros, not None
     names = [name for name, _ in func.named_parameters()]
     assert torch.equal(adjoint[2 + names.index("unused")], torch.zeros(3, dtype=torch.float64))
@@ -81,7 +83,8 @@ def test_adjoint_matches_torchdiffeq(method, t_requires_grad):
     t = torch.tensor([0.0, 0.5, 1.2], dtype=torch.float64, requires_grad=t_requires_grad)
     tol = dict(rtol=1e-9, atol=1e-10) if t_requires_grad else dict(rtol=1e-7, atol=1e-8)
     out_a, grads_a, stats_a = _grads(torchdiffeq, func, y0, t, _loss, method=method, **tol)
-    out_b, grads_b, stats_b = _grads(fastcnf, func, y0, t, _loss, method=method, **tol)
+    out_b, grads_b, stats_b = _grads(fastcnf, func, y0, t, _loss, method=method, **tol,
+                                     adjoint_options=dict(carry_step_size=False))
     # dopri8's error estimate is at rounding level here, so its step sizes differ by rounding
     output_tolerance = 1e-6 if method == "dopri8" else 1e-9
     torch.testing.assert_close(out_b, out_a, rtol=output_tolerance, atol=output_tolerance)
@@ -100,6 +103,22 @@ def test_time_gradients_cost_no_extra_evaluations():
         _, _, stats = _grads(fastcnf, func, y0, t, _loss, rtol=1e-6, atol=1e-8, adjoint_options=dict(norm="seminorm"))
         counts[requires_grad] = stats.nfe_backward
     assert counts[True] == counts[False]
+
+
+def test_carrying_the_step_size_across_output_times_saves_evaluations():
+    func = MLPDynamics(hidden=16)
+    y0 = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.15, 0.3, 0.45, 0.6, 0.8, 1.0], dtype=torch.float64)
+    results = {}
+    for carry in (False, True):
+        _, grads, stats = _grads(fastcnf, func, y0, t, _loss, rtol=1e-8, atol=1e-8,
+                                 adjoint_options=dict(carry_step_size=carry))
+        results[carry] = grads, stats.nfe_backward
+    assert results[True][1] < 0.8 * results[False][1]
+    for got, expected in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(fastcnf.InvalidOptionError, match="carry_step_size"):
+        fastcnf.odeint_adjoint(func, y0, t, adjoint_options=dict(carry_step_size="yes"))
 
 
 def test_terminal_time_gradient_matches_finite_differences():
@@ -135,9 +154,11 @@ def test_tuple_state_reverse_time_and_seminorm_match_torchdiffeq():
         for norm in (None, "seminorm"):
             for p in [a0, b0, t] + list(func.parameters()):
                 p.grad = None
+            options = dict(norm=norm) if norm else {}
+            if library is fastcnf:
+                options["carry_step_size"] = False
             with fastcnf.track() as stats:
-                out = library.odeint_adjoint(func, (a0, b0), t, rtol=1e-7, atol=1e-8,
-                                             adjoint_options=dict(norm=norm) if norm else None)
+                out = library.odeint_adjoint(func, (a0, b0), t, rtol=1e-7, atol=1e-8, adjoint_options=options or None)
                 (out[0].pow(2).sum() + out[1].sin().sum()).backward()
             grads = [p.grad.clone() for p in [a0, b0, t]] + [
                 torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in func.parameters()]

@@ -93,7 +93,8 @@ class FixedGridSolver:
         if self.step_size is None:
             raise ValueError("Event handling for fixed step solvers currently requires `step_size` to be provided "
                              "in options.")
-        t0 = float(t0)
+        time = _anchored_time(t0)
+        t0 = torch.as_tensor(t0).item()
         dt = float(self.step_size)
         y0 = self.y0
         self._start()
@@ -101,26 +102,27 @@ class FixedGridSolver:
             sign0 = torch.sign(event_fn(torch.tensor(t0, dtype=torch.float64), y0))
             for _ in range(MAX_EVENT_STEPS):
                 t1 = t0 + dt
-                y1, f0 = self._step(t0, dt, t1, y0)
+                y1, f0 = self._step(time(t0), dt, time(t1), y0)
                 self.steps += 1
                 if torch.sign(event_fn(torch.tensor(t1, dtype=torch.float64), y1)) != sign0:
-                    event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn)
+                    event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn, time)
                     return event_t, torch.stack([self.y0, y_event])
                 t0, y0 = t1, y1
             raise RuntimeError(f"Reached maximum number of iterations {MAX_EVENT_STEPS}.")
         finally:
             self._report()
 
-    def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn):
-        f1 = self.dynamics(t1, y1) if self.interp == "cubic" else None
+    def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn, time):
+        """Bisection on floats; the returned state is interpolated between ``time(t0)`` and ``time(t1)``."""
+        f1 = self.dynamics(time(t1), y1) if self.interp == "cubic" else None
         tol = float(self.atol) if not isinstance(self.atol, torch.Tensor) else float(self.atol.min())
         iterations = max(0, math.ceil(math.log((t1 - t0) / tol) / math.log(2.0))) if tol > 0 else 64
         lo, hi = t0, t1
 
-        def state_at(t):
+        def state_at(t, start=t0, end=t1):
             if f1 is None:
-                return linear_interp(t0, t1, y0, y1, t)
-            return cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t)
+                return linear_interp(start, end, y0, y1, t)
+            return cubic_hermite_interp(start, y0, f0, end, y1, f1, t)
 
         with torch.no_grad():
             for _ in range(iterations):
@@ -130,7 +132,7 @@ class FixedGridSolver:
                 else:
                     hi = mid
         event_t = (lo + hi) / 2.0
-        return torch.tensor(event_t, dtype=torch.float64), state_at(event_t)
+        return torch.tensor(event_t, dtype=torch.float64), state_at(event_t, time(t0), time(t1))
 
     def _interpolate(self, t0, t1, y0, y1, f0, t):
         if self.interp == "linear":
@@ -164,6 +166,16 @@ class FixedGridRungeKutta(FixedGridSolver):
         self._buffer = 1 - self._buffer
         y1, stages = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer)
         return y1, stages[0]
+
+
+def _anchored_time(t0):
+    """Float time -> what the solver passes on: the float, or a float64 tensor tied to ``t0`` when
+    ``t0`` requires grad, so that the state at an event depends on the start time."""
+    t0 = torch.as_tensor(t0)
+    if not (t0.requires_grad and torch.is_grad_enabled()):
+        return lambda t: t
+    anchor, anchor_value = t0.to(torch.float64), t0.item()
+    return lambda t: anchor + (t - anchor_value)
 
 
 def _merge_repeats(points):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .errors import InvalidOptionError, NonFiniteStateError
+from .errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError
 from .interp import cubic_hermite_interp, linear_interp
 from .rk_stepper import ExplicitRKStepper
 from .stats import record_nfe, record_solve, record_steps
@@ -67,8 +67,9 @@ class FixedGridSolver:
     def integrate(self, t):
         grid = self.grid_constructor(self.dynamics, self.y0, t)
         if not (grid[0] == t[0] and grid[-1] == t[-1]):
-            raise ValueError(f"the time grid must start at t[0]={t[0].item()} and end at t[-1]={t[-1].item()}; "
-                             f"grid_constructor returned [{grid[0].item()}, ..., {grid[-1].item()}].")
+            raise InvalidTimeGridError(
+                f"the time grid must start at t[0]={t[0].item()} and end at t[-1]={t[-1].item()}; "
+                f"grid_constructor returned [{grid[0].item()}, ..., {grid[-1].item()}].")
         time_grad = grid.requires_grad and torch.is_grad_enabled()
         grid_points = list(grid.unbind()) if time_grad else _merge_repeats(grid.tolist())
         t_points = list(t.unbind()) if time_grad else t.tolist()
@@ -91,8 +92,8 @@ class FixedGridSolver:
 
     def integrate_until_event(self, t0, event_fn):
         if self.step_size is None:
-            raise ValueError("Event handling for fixed step solvers currently requires `step_size` to be provided "
-                             "in options.")
+            raise InvalidOptionError("Event handling for fixed step solvers currently requires `step_size` to be "
+                                     "provided in options.")
         time = _anchored_time(t0)
         t0 = torch.as_tensor(t0).item()
         dt = float(self.step_size)

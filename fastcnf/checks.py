@@ -186,8 +186,10 @@ def _time_points(name, value):
         finite = bool(torch.isfinite(value).all())
     else:
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(name)
             finite = all(math.isfinite(float(v)) for v in value)
-        except TypeError:
+        except (TypeError, ValueError):
             raise InvalidOptionError(f"option {name!r} must be a 1-D tensor of times, got {value!r}.") from None
     if not finite:
         raise InvalidOptionError(f"option {name!r} contains NaN or Inf.")

@@ -37,10 +37,11 @@ def scaled_error_ratio(y0, y1, stages, error_weights, dt, rtol, atol, norm):
         The error ratio as a Python float (may be NaN or Inf). A non-finite entry of ``y1`` makes
         its scaled error NaN (an infinite tolerance would otherwise hide it), as in the C++ twin.
     """
-    error = torch.mv(stages.t(), error_weights) * dt
-    tolerance = atol + rtol * torch.maximum(y0.abs(), y1.abs())
-    scaled = torch.where(torch.isfinite(y1), error / tolerance, math.nan)
-    return float(norm(scaled))
+    with torch.no_grad():  # a step-size decision, never differentiated
+        error = torch.mv(stages.t(), error_weights) * dt
+        tolerance = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+        scaled = torch.where(torch.isfinite(y1), error / tolerance, math.nan)
+        return float(norm(scaled))
 
 
 def propose_step(error_ratio, dt, order, safety, ifactor, dfactor, min_step, max_step):

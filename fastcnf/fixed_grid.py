@@ -78,7 +78,7 @@ class FixedGridSolver:
         try:
             for t0, t1 in zip(grid_points[:-1], grid_points[1:]):
                 dt = t1 - t0
-                self.dynamics.callback("callback_step", float(t0), y0, float(dt))
+                self.dynamics.callback("callback_step", _as_float(t0), y0, _as_float(dt))
                 y1, f0 = self._step(t0, dt, t1, y0)
                 self.steps += 1
                 while j < len(t_points) and t1 >= t_points[j]:
@@ -167,6 +167,11 @@ class FixedGridRungeKutta(FixedGridSolver):
         self._buffer = 1 - self._buffer
         y1, stages = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer)
         return y1, stages[0]
+
+
+def _as_float(value):
+    """A float or a 0-dim tensor (possibly requiring grad) as a float."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _anchored_time(t0):

@@ -129,7 +129,7 @@ def test_max_step_bounds_every_step():
 
 def test_min_step_forces_acceptance_of_large_steps():
     """Steps at min_step are accepted whatever their error; the solution is then coarse."""
-    recorder, out = solve_recorded(min_step=0.5, rtol=1e-10, atol=1e-12)
+    recorder, _ = solve_recorded(min_step=0.5, rtol=1e-10, atol=1e-12)
     assert min(dt for _, dt in recorder.attempted) >= 0.5 - 1e-12
     assert not recorder.rejected
 
@@ -141,14 +141,14 @@ def test_first_step_is_the_first_attempt():
 
 @pytest.mark.parametrize("ifactor, dfactor", [(10.0, 0.2), (1.5, 0.5), (3.0, 0.05)])
 def test_step_growth_and_shrink_factors(ifactor, dfactor):
-    """Between attempts the step grows by at most ifactor and shrinks by at least dfactor (the
-    clipping at t_end aside)."""
+    """Between attempts the step grows by at most ifactor and shrinks to no less than dfactor
+    times the last one."""
     recorder, _ = solve_recorded(first_step=1e-4, ifactor=ifactor, dfactor=dfactor, rtol=1e-7, atol=1e-9)
     sizes = [dt for _, dt in recorder.attempted]
     ratios = np.array(sizes[1:]) / np.array(sizes[:-1])
-    assert ratios.max() <= ifactor * (1 + 1e-12)
+    assert ratios.max() == pytest.approx(ifactor, rel=1e-12)  # the tiny first step grows at the cap
     assert ratios.min() >= dfactor * (1 - 1e-12)
-    assert ratios.max() == pytest.approx(ifactor) if ifactor < 5 else True
+    assert recorder.rejected
 
 
 def test_safety_factor_scales_the_steps():

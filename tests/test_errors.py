@@ -105,6 +105,12 @@ def test_non_finite_dynamics_stop_an_adaptive_solve_where_they_appear(func, meth
     assert reported_start_time(error) == pytest.approx(0.5, abs=1e-9)
 
 
+def test_non_finite_dynamics_stop_an_event_search():
+    with pytest.raises(StepSizeUnderflowError, match="NaN/Inf values appeared") as error:
+        solve(func=nan_after_half, t=torch.tensor([0.0, 9.0], dtype=F64), event_fn=lambda t, y: y[0] - 1e-3)
+    assert reported_start_time(error) == pytest.approx(0.5, abs=1e-9)
+
+
 def test_non_finite_dynamics_with_min_step_is_a_non_finite_state_error():
     """At min_step the step cannot shrink: the error names the step that contains t = 0.5."""
     with pytest.raises(NonFiniteStateError, match=r"NaN/Inf .* in the step from t=.*dt=0.001 is already at min_step") \

@@ -4,9 +4,10 @@ A drop-in replacement for torchdiffeq (``import fastcnf as torchdiffeq``) with t
 signatures and results, plus CNF training tools (TO-FLOW, JKO-iFlow, TPR).
 """
 
-from .errors import (FastCNFError, InvalidOptionError, InvalidTimeGridError, MaxNumStepsError,
-                     NonFiniteStateError, NonlinearSolveError, StepSizeUnderflowError, UnknownMethodError)
 from .adjoint import odeint_adjoint
+from .errors import (FastCNFError, InvalidOptionError, InvalidStateError, InvalidTimeGridError,
+                     InvalidToleranceError, MaxNumStepsError, NonFiniteStateError, NonlinearSolveError,
+                     StepSizeUnderflowError, UnknownMethodError)
 from .odeint import odeint, odeint_dense, odeint_event
 from .solvers import METHODS
 from .stats import SolverStats, track
@@ -23,6 +24,8 @@ __all__ = [
     "METHODS",
     "FastCNFError",
     "InvalidOptionError",
+    "InvalidStateError",
+    "InvalidToleranceError",
     "InvalidTimeGridError",
     "MaxNumStepsError",
     "NonFiniteStateError",

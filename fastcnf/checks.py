@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .dynamics import CALLBACK_NAMES, Dynamics, StateLayout
-from .errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError, UnknownMethodError
+from .errors import (InvalidOptionError, InvalidStateError, InvalidTimeGridError, InvalidToleranceError,
+                     NonFiniteStateError, UnknownMethodError)
 from .norms import SegmentNorm
 from .solvers import METHODS
 
@@ -86,13 +87,15 @@ def check_state(y0):
     elif isinstance(y0, tuple) and len(y0) > 0 and all(isinstance(part, torch.Tensor) for part in y0):
         parts = y0
     else:
-        raise TypeError(f"y0 must be a torch.Tensor or a non-empty tuple of torch.Tensors, got {type(y0).__name__}.")
+        raise InvalidStateError(
+            f"y0 must be a torch.Tensor or a non-empty tuple of torch.Tensors, got {type(y0).__name__}.")
     for index, part in enumerate(parts):
         if not (part.is_floating_point() or part.is_complex()):
             where = f"y0[{index}]" if isinstance(y0, tuple) else "y0"
-            raise TypeError(f"`{where}` must be a floating point Tensor but is a {part.type()}")
+            raise InvalidStateError(f"`{where}` must be a floating point Tensor but is a {part.type()}")
     if len({part.dtype for part in parts}) > 1:
-        raise TypeError(f"all tensors of a tuple state must share one dtype, got {[part.dtype for part in parts]}.")
+        raise InvalidStateError(
+            f"all tensors of a tuple state must share one dtype, got {[part.dtype for part in parts]}.")
     if len({part.device for part in parts}) > 1:
         raise ValueError(f"all tensors of a tuple state must be on one device, got {[str(p.device) for p in parts]}.")
 
@@ -183,8 +186,10 @@ def _time_points(name, value):
         finite = bool(torch.isfinite(value).all())
     else:
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(name)
             finite = all(math.isfinite(float(v)) for v in value)
-        except TypeError:
+        except (TypeError, ValueError):
             raise InvalidOptionError(f"option {name!r} must be a 1-D tensor of times, got {value!r}.") from None
     if not finite:
         raise InvalidOptionError(f"option {name!r} contains NaN or Inf.")
@@ -230,10 +235,10 @@ _OPTION_CHECKS = {
 def check_tolerance(name, tol, layout, flat_y0):
     """A float, or an (N,) tensor for per-element (or per-tuple-entry) tolerances."""
     if isinstance(tol, torch.Tensor) and tol.requires_grad:
-        raise ValueError(f"{name} cannot require gradient")
+        raise InvalidToleranceError(f"{name} cannot require gradient")
     if layout.is_tuple and isinstance(tol, (tuple, list)):
         if len(tol) != len(layout.shapes):
-            raise ValueError(f"If using tupled {name} it must have the same length as the tuple y0")
+            raise InvalidToleranceError(f"If using tupled {name} it must have the same length as the tuple y0")
         parts = [torch.as_tensor(part, dtype=torch.float64).expand(size) for part, size in zip(tol, layout.sizes)]
         tol = torch.cat(parts)
     if isinstance(tol, torch.Tensor) and tol.numel() != 1:
@@ -241,11 +246,11 @@ def check_tolerance(name, tol, layout, flat_y0):
             tol = tol.expand(layout.shapes[0]) if not layout.is_tuple else tol
         tol = tol.reshape(-1).to(flat_y0.device)
         if bool((tol < 0).any()):
-            raise ValueError(f"{name} must be non-negative.")
+            raise InvalidToleranceError(f"{name} must be non-negative.")
         return tol
     value = float(tol)
     if not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {tol!r}.")
+        raise InvalidToleranceError(f"{name} must be a non-negative number, got {tol!r}.")
     return value
 
 

@@ -34,12 +34,14 @@ def scaled_error_ratio(y0, y1, stages, error_weights, dt, rtol, atol, norm):
         norm: a ``SegmentNorm`` or any callable mapping an (N,) tensor to a scalar.
 
     Returns:
-        The error ratio as a Python float (may be NaN or Inf).
+        The error ratio as a Python float (may be NaN or Inf). A non-finite entry of ``y1`` makes
+        its scaled error NaN (an infinite tolerance would otherwise hide it), as in the C++ twin.
     """
-    with torch.no_grad():  # step-size decisions carry no gradient
+    with torch.no_grad():  # a step-size decision, never differentiated
         error = torch.mv(stages.t(), error_weights) * dt
         tolerance = atol + rtol * torch.maximum(y0.abs(), y1.abs())
-        return float(norm(error / tolerance))
+        scaled = torch.where(torch.isfinite(y1), error / tolerance, math.nan)
+        return float(norm(scaled))
 
 
 def propose_step(error_ratio, dt, order, safety, ifactor, dfactor, min_step, max_step):

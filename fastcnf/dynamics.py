@@ -50,10 +50,10 @@ class StateLayout:
             return flat
         lead = flat.shape[:-1]
         if not self.is_tuple:
-            return flat.view(*lead, *self.shapes[0])
+            return flat.view((*lead, *self.shapes[0]))
         parts, start = [], 0
         for shape, size in zip(self.shapes, self.sizes):
-            parts.append(flat[..., start:start + size].view(*lead, *shape))
+            parts.append(flat[..., start:start + size].view((*lead, *shape)))
             start += size
         return tuple(parts)
 

@@ -1,13 +1,16 @@
 """Exception types raised by fastcnf.
 
-torchdiffeq reports most solver failures with bare ``assert`` statements, so code written
-against it catches ``AssertionError``. Every solver failure here derives from
-``AssertionError`` as well as from the builtin type that describes it, so both
-``except AssertionError`` (torchdiffeq style) and ``except RuntimeError`` keep working.
+torchdiffeq reports most solver failures and several input errors with bare ``assert``
+statements, so code written against it catches ``AssertionError``. Every error that
+torchdiffeq raises by ``assert`` derives here from ``AssertionError`` as well as from the
+builtin type that describes it, so both ``except AssertionError`` (torchdiffeq style) and
+``except RuntimeError`` / ``ValueError`` / ``TypeError`` keep working.
 """
 
 __all__ = [
     "FastCNFError",
+    "InvalidStateError",
+    "InvalidToleranceError",
     "InvalidTimeGridError",
     "InvalidOptionError",
     "UnknownMethodError",
@@ -22,11 +25,19 @@ class FastCNFError(Exception):
     """Base class of every error raised by fastcnf itself."""
 
 
+class InvalidStateError(FastCNFError, TypeError, AssertionError):
+    """``y0`` is not a floating point tensor or a tuple of them sharing one dtype."""
+
+
+class InvalidToleranceError(FastCNFError, ValueError, AssertionError):
+    """``rtol`` or ``atol`` is negative, requires grad, or does not match a tuple state."""
+
+
 class InvalidTimeGridError(FastCNFError, ValueError, AssertionError):
     """The time tensor ``t`` is not a strictly monotone 1-D floating point tensor."""
 
 
-class InvalidOptionError(FastCNFError, ValueError):
+class InvalidOptionError(FastCNFError, ValueError, AssertionError):
     """An option name is unknown, not accepted by the chosen method, or has a bad value."""
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .errors import InvalidOptionError, NonFiniteStateError
+from .errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError
 from .interp import cubic_hermite_interp, linear_interp
 from .rk_stepper import ExplicitRKStepper
 from .stats import record_nfe, record_solve, record_steps
@@ -67,8 +67,9 @@ class FixedGridSolver:
     def integrate(self, t):
         grid = self.grid_constructor(self.dynamics, self.y0, t)
         if not (grid[0] == t[0] and grid[-1] == t[-1]):
-            raise ValueError(f"the time grid must start at t[0]={t[0].item()} and end at t[-1]={t[-1].item()}; "
-                             f"grid_constructor returned [{grid[0].item()}, ..., {grid[-1].item()}].")
+            raise InvalidTimeGridError(
+                f"the time grid must start at t[0]={t[0].item()} and end at t[-1]={t[-1].item()}; "
+                f"grid_constructor returned [{grid[0].item()}, ..., {grid[-1].item()}].")
         time_grad = grid.requires_grad and torch.is_grad_enabled()
         grid_points = list(grid.unbind()) if time_grad else _merge_repeats(grid.tolist())
         t_points = list(t.unbind()) if time_grad else t.tolist()
@@ -91,9 +92,10 @@ class FixedGridSolver:
 
     def integrate_until_event(self, t0, event_fn):
         if self.step_size is None:
-            raise ValueError("Event handling for fixed step solvers currently requires `step_size` to be provided "
-                             "in options.")
-        t0 = float(t0)
+            raise InvalidOptionError("Event handling for fixed step solvers currently requires `step_size` to be "
+                                     "provided in options.")
+        time = _anchored_time(t0)
+        t0 = torch.as_tensor(t0).item()
         dt = float(self.step_size)
         y0 = self.y0
         self._start()
@@ -101,26 +103,27 @@ class FixedGridSolver:
             sign0 = torch.sign(event_fn(torch.tensor(t0, dtype=torch.float64), y0))
             for _ in range(MAX_EVENT_STEPS):
                 t1 = t0 + dt
-                y1, f0 = self._step(t0, dt, t1, y0)
+                y1, f0 = self._step(time(t0), dt, time(t1), y0)
                 self.steps += 1
                 if torch.sign(event_fn(torch.tensor(t1, dtype=torch.float64), y1)) != sign0:
-                    event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn)
+                    event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn, time)
                     return event_t, torch.stack([self.y0, y_event])
                 t0, y0 = t1, y1
             raise RuntimeError(f"Reached maximum number of iterations {MAX_EVENT_STEPS}.")
         finally:
             self._report()
 
-    def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn):
-        f1 = self.dynamics(t1, y1) if self.interp == "cubic" else None
+    def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn, time):
+        """Bisection on floats; the returned state is interpolated between ``time(t0)`` and ``time(t1)``."""
+        f1 = self.dynamics(time(t1), y1) if self.interp == "cubic" else None
         tol = float(self.atol) if not isinstance(self.atol, torch.Tensor) else float(self.atol.min())
         iterations = max(0, math.ceil(math.log((t1 - t0) / tol) / math.log(2.0))) if tol > 0 else 64
         lo, hi = t0, t1
 
-        def state_at(t):
+        def state_at(t, start=t0, end=t1):
             if f1 is None:
-                return linear_interp(t0, t1, y0, y1, t)
-            return cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t)
+                return linear_interp(start, end, y0, y1, t)
+            return cubic_hermite_interp(start, y0, f0, end, y1, f1, t)
 
         with torch.no_grad():
             for _ in range(iterations):
@@ -130,7 +133,7 @@ class FixedGridSolver:
                 else:
                     hi = mid
         event_t = (lo + hi) / 2.0
-        return torch.tensor(event_t, dtype=torch.float64), state_at(event_t)
+        return torch.tensor(event_t, dtype=torch.float64), state_at(event_t, time(t0), time(t1))
 
     def _interpolate(self, t0, t1, y0, y1, f0, t):
         if self.interp == "linear":
@@ -168,6 +171,21 @@ class FixedGridRungeKutta(FixedGridSolver):
 
 def _as_float(value):
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _as_float(value):
+    """A float or a 0-dim tensor (possibly requiring grad) as a float."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _anchored_time(t0):
+    """Float time -> what the solver passes on: the float, or a float64 tensor tied to ``t0`` when
+    ``t0`` requires grad, so that the state at an event depends on the start time."""
+    t0 = torch.as_tensor(t0)
+    if not (t0.requires_grad and torch.is_grad_enabled()):
+        return lambda t: t
+    anchor, anchor_value = t0.to(torch.float64), t0.item()
+    return lambda t: anchor + (t - anchor_value)
 
 
 def _merge_repeats(points):

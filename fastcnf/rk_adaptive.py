@@ -149,10 +149,13 @@ class AdaptiveRungeKutta:
         """Step from ``t0`` until ``event_fn(t, y)`` changes sign; returns (event_t, (2, N) solution).
 
         ``event_fn`` takes a float64 0-dim time tensor and an (N,) state; the event time is
-        located by bisection on the dense output to within ``atol``.
+        located by bisection on the dense output to within ``atol``. When ``t0`` requires grad
+        the state at the event depends on it (as in torchdiffeq), so chained events differentiate.
         """
+        t0 = torch.as_tensor(t0)
+        anchor = t0.to(torch.float64) if t0.requires_grad and torch.is_grad_enabled() else None
         try:
-            step = self._start(float(t0), None)
+            step = self._start(t0.item(), anchor)
             value = event_fn(torch.tensor(step.t1, dtype=torch.float64, device=self.y0.device), step.y1)
             if value == 0:
                 event_t, y_event = torch.tensor(step.t1, dtype=torch.float64), step.y1
@@ -299,8 +302,8 @@ class AdaptiveRungeKutta:
                     lo = mid
                 else:
                     hi = mid
-        event_t = (lo + hi) / 2.0
-        return torch.tensor(event_t, dtype=torch.float64), self._dense(step, event_t)
+        event_t = torch.tensor((lo + hi) / 2.0, dtype=torch.float64)
+        return event_t, self._dense(step, event_t if self.time_anchor is not None else event_t.item())
 
     def _report(self):
         record_nfe(self.dynamics.nfe)

@@ -105,13 +105,21 @@ class FixedGridSolver:
                 t1 = t0 + dt
                 y1, f0 = self._step(time(t0), dt, time(t1), y0)
                 self.steps += 1
-                if torch.sign(event_fn(torch.tensor(t1, dtype=torch.float64), y1)) != sign0:
+                value = event_fn(torch.tensor(t1, dtype=torch.float64), y1)
+                if not bool(torch.isfinite(value).all()):
+                    raise NonFiniteStateError(f"the event function is NaN/Inf at t={self._user_t(t1)!r} "
+                                              "(the state or the dynamics stopped being finite).")
+                if torch.sign(value) != sign0:
                     event_t, y_event = self._locate_event(t0, t1, y0, y1, f0, sign0, event_fn, time)
                     return event_t, torch.stack([self.y0, y_event])
                 t0, y0 = t1, y1
-            raise RuntimeError(f"Reached maximum number of iterations {MAX_EVENT_STEPS}.")
+            raise RuntimeError(f"Reached maximum number of iterations {MAX_EVENT_STEPS}: no event up to "
+                               f"t={self._user_t(t0)!r}.")
         finally:
             self._report()
+
+    def _user_t(self, t):
+        return -t if self.dynamics.reverse else t
 
     def _locate_event(self, t0, t1, y0, y1, f0, sign0, event_fn, time):
         """Bisection on floats; the returned state is interpolated between ``time(t0)`` and ``time(t1)``."""
@@ -198,7 +206,8 @@ def _merge_repeats(points):
 
 
 def _check_finite(value, t0, t1, reverse):
+    """Raise if an output is not finite (checked per output, not per step, to avoid a sync per step)."""
     if not bool(torch.isfinite(value).all()):
         sign = -1 if reverse else 1
-        raise NonFiniteStateError(f"NaN/Inf in the state in the step from t={sign * float(t0)} to "
-                                  f"t={sign * float(t1)}.")
+        raise NonFiniteStateError(f"NaN/Inf in the state at the output in the step from t={sign * _as_float(t0)} to "
+                                  f"t={sign * _as_float(t1)} (it may have appeared in an earlier step).")

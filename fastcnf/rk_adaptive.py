@@ -25,7 +25,15 @@ from .rk_stepper import ExplicitRKStepper
 from .norms import SegmentNorm
 from .stats import record_nfe, record_solve, record_steps
 
-__all__ = ["AdaptiveRungeKutta"]
+__all__ = ["AdaptiveRungeKutta", "MAX_NONFINITE_TRIALS", "MAX_EVENT_STEPS"]
+
+# A solve gives up after this many trial steps with NaN/Inf in them. Shrinking the step recovers
+# from a trial that overshoots into overflow within a few rejections; a solution that itself
+# overflows would otherwise creep along at the float maximum, rejecting and accepting forever.
+MAX_NONFINITE_TRIALS = 1000
+# Default bound on the steps of an event search when max_num_steps is not given (the fixed-grid
+# event search has the same bound, as in torchdiffeq): an event that never happens must not hang.
+MAX_EVENT_STEPS = 20000
 
 
 class _Step:
@@ -56,7 +64,7 @@ class AdaptiveRungeKutta:
 
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
-                 max_num_steps=2 ** 31 - 1, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY):
+                 max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY):
         self.dynamics = dynamics
         self.y0 = y0
         self.rtol, self.atol = rtol, atol
@@ -65,7 +73,8 @@ class AdaptiveRungeKutta:
         self.first_step = None if first_step is None else float(first_step)
         self.min_step, self.max_step = float(min_step), float(max_step)
         self.safety, self.ifactor, self.dfactor = float(safety), float(ifactor), float(dfactor)
-        self.max_num_steps = int(max_num_steps)
+        self.max_num_steps_given = max_num_steps is not None
+        self.max_num_steps = 2 ** 31 - 1 if max_num_steps is None else int(max_num_steps)
         self.step_t = _sorted_floats(step_t)
         self.jump_t = _sorted_floats(jump_t)
         if set(self.step_t) & set(self.jump_t):
@@ -80,6 +89,7 @@ class AdaptiveRungeKutta:
         self.last_step_size = None  # the step size proposed after the last step of integrate()
         self.accepted = self.rejected = 0
         self._last_nonfinite = False
+        self._nonfinite_trials = 0
 
     # ------------------------------------------------------------------ setup
     def _make_controller(self, backend):
@@ -161,11 +171,17 @@ class AdaptiveRungeKutta:
                 event_t, y_event = torch.tensor(step.t1, dtype=torch.float64), step.y1
             else:
                 sign0 = torch.sign(value)
+                budget = MAX_EVENT_STEPS
                 attempts = 0
                 while sign0 == torch.sign(event_fn(torch.tensor(step.t1, dtype=torch.float64), step.y1)):
                     previous = step
                     while step is previous:
-                        self._check_budget(attempts, step.t1)
+                        if self.max_num_steps_given:
+                            self._check_budget(attempts, step.t1)
+                        elif attempts >= budget:
+                            raise MaxNumStepsError(
+                                f"no event after {attempts} steps (up to t={self._user_t(step.t1)!r}); the event "
+                                "function kept its sign. Pass options['max_num_steps'] to search longer.")
                         step = self._adaptive_step(step)
                         attempts += 1
                 event_t, y_event = self._locate_event(step, sign0, event_fn)
@@ -259,6 +275,12 @@ class AdaptiveRungeKutta:
             raise NonFiniteStateError(
                 f"NaN/Inf in the state or its derivative in the step from t={self._user_t(t0)!r} "
                 f"(dt={dt!r} is already at min_step).")
+        if self._last_nonfinite:
+            self._nonfinite_trials += 1
+            if self._nonfinite_trials > MAX_NONFINITE_TRIALS:
+                raise NonFiniteStateError(
+                    f"NaN/Inf in {self._nonfinite_trials} trial steps near t={self._user_t(t0)!r}: the solution "
+                    "overflows or the dynamics are not finite there.")
         if not accept:
             self.dynamics.callback("callback_reject_step", t0, y0, dt)
             self.rejected += 1

@@ -55,7 +55,8 @@ def test_adaptive_method_agrees(method, dtype):
     to float32, where they no longer sum to zero (1.2e-7 instead of 4e-16), so its error estimate
     and accept/reject decisions are dominated by rounding; fastcnf keeps the weights in float64."""
     actual, expected, our_calls, their_calls, stats = run_both(method, dtype)
-    assert_adaptive_agreement(actual, expected, *TOLERANCES[dtype])
+    noisy = method == "dopri8" and dtype == torch.float32  # both packages step on rounding noise
+    assert_adaptive_agreement(actual, expected, *TOLERANCES[dtype], factor=3 * AGREEMENT if noisy else AGREEMENT)
     assert stats.nfe_forward == our_calls
     if not (method == "dopri8" and dtype == torch.float32):
         assert_nfe_close(our_calls, their_calls)

@@ -135,7 +135,8 @@ def test_non_finite_state_on_a_fixed_grid(method):
     t = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # implicit Adams: the corrector does not converge on NaN
-        with pytest.raises(NonFiniteStateError, match=r"NaN/Inf in the state in the step from t=0\.9.* to t=1\.0"):
+        with pytest.raises(NonFiniteStateError,
+                           match=r"NaN/Inf in the state at the output in the step from t=0\.9.* to t=1\.0"):
             solve(func=nan_after_half, t=t, method=method, options=dict(step_size=0.1))
 
 
@@ -169,7 +170,7 @@ def test_unknown_method_lists_the_methods():
 
 
 @pytest.mark.parametrize("method, options, message", [
-    ("dopri5", dict(foo=1), r"Option 'foo' is not accepted by method 'dopri5'; it accepts: dfactor, dtype"),
+    ("dopri5", dict(foo=1), r"Option 'foo' is not accepted by method 'dopri5'; it accepts: check_every, device_loop, dfactor, dtype"),
     ("euler", dict(first_step=0.1), r"Option 'first_step' is not accepted by method 'euler'; it accepts: "
                                     r"grid_constructor, interp, norm, perturb, step_size"),
     ("dopri5", dict(step_size=0.1), r"Option 'step_size' is not accepted by method 'dopri5'"),
@@ -325,3 +326,31 @@ def test_time_on_another_device_is_moved_with_a_warning():
         out = fastcnf.odeint(decay, y0, torch.tensor([0.0, 1.0]))
     assert out.device.type == "cuda"
     torch.testing.assert_close(out[-1].cpu(), torch.full((2,), math.exp(-1.0)), rtol=1e-5, atol=1e-6)
+
+
+def test_overflowing_solution_fails_instead_of_creeping():
+    """A solution that overflows with a zero error estimate must not crawl along at the float max."""
+    start = time.perf_counter()
+    with pytest.raises(fastcnf.NonFiniteStateError, match="overflows"):
+        fastcnf.odeint(lambda t, y: torch.full_like(y, 1e37), torch.zeros(2), torch.tensor([0.0, 1e3]),
+                       options=dict(first_step=1.0))
+    assert time.perf_counter() - start < 10.0
+
+
+def test_event_that_never_happens_stops():
+    with pytest.raises(fastcnf.MaxNumStepsError, match="no event"):
+        fastcnf.odeint_event(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
+                             torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y.sum() + 1.0)
+    with pytest.raises(fastcnf.MaxNumStepsError, match="max_num_steps"):
+        fastcnf.odeint_event(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
+                             torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y.sum() + 1.0,
+                             options=dict(max_num_steps=50))
+
+
+def test_nan_in_a_fixed_grid_event_search_is_an_error():
+    def nan_after_half(t, y):
+        return torch.where(t > 0.5, torch.full_like(y, float("nan")), -y)
+
+    with pytest.raises(fastcnf.NonFiniteStateError, match="event function"):
+        fastcnf.odeint_event(nan_after_half, torch.ones(1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                             event_fn=lambda t, y: y.sum() - 0.1, method="rk4", options=dict(step_size=0.1))

@@ -110,7 +110,7 @@ def kepler_error_at_fixed_steps(tableau, steps, end=3.0):
     with torch.no_grad():
         for k in range(steps):
             t0 = k * dt
-            y, _ = stepper.step(t0, y, kepler(torch.tensor(t0), y), dt, t0 + dt)
+            y, _, _ = stepper.step(t0, y, kepler(torch.tensor(t0), y), dt, t0 + dt)
     return float((y - torch.tensor(kepler_exact(end))).abs().max())
 
 

@@ -66,7 +66,7 @@ class Adams(FixedGridSolver):
         self._remember(t0, f0)
         order = min(len(self.history), self.max_order - 1)
         if order < MIN_ORDER - 1:
-            y1, _, _ = self.rk4.step(t0, y0, f0, dt, t1)
+            y1, _, _ = self.rk4.step(t0, y0, f0, dt, t1, keep_stages=False)
             return y1, f0
         past = torch.stack(tuple(self.history)[:order], 1)
         weights = torch.tensor(bashforth(order), dtype=y0.dtype, device=y0.device)

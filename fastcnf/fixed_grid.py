@@ -173,7 +173,7 @@ class FixedGridRungeKutta(FixedGridSolver):
     def _step(self, t0, dt, t1, y0):
         f0 = self.stepper.first_stage(t0, y0)
         self._buffer = 1 - self._buffer
-        y1, _, _ = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer)
+        y1, _, _ = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer, keep_stages=False)
         return y1, f0
 
 

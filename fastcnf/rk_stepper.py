@@ -64,7 +64,7 @@ class ExplicitRKStepper:
     def first_stage(self, time, y0):
         return self.dynamics(time, y0, self.start_perturb)
 
-    def step(self, t0, y0, f0, dt, t1, time=None, buffer=0):
+    def step(self, t0, y0, f0, dt, t1, time=None, buffer=0, keep_stages=True):
         """Stages of one step; returns ``(y1, K, k_last)``: the new state, the (S, N) stages and
         the last stage as its own tensor (the next step's first stage for FSAL tableaus).
 
@@ -73,13 +73,15 @@ class ExplicitRKStepper:
             y0, f0: (N,) contiguous state and its derivative at t0.
             time: maps a float time to what the dynamics receive (default: identity).
             buffer: which reusable buffer to write (0 or 1) when buffers are reused.
+            keep_stages: False when the caller needs no K (fixed grids): under autograd K is then
+                not stacked and None is returned in its place.
         """
         if isinstance(dt, torch.Tensor):
             return self._step_tensor_dt(t0, y0, f0, dt, t1)
         c, dynamics, end_perturb = self.c, self.dynamics, self.end_perturb
         time = time or _identity
         if self.buffers is None:
-            return self._step_autograd(t0, y0, f0, dt, t1, time)
+            return self._step_autograd(t0, y0, f0, dt, t1, time, keep_stages)
         stages = self.buffers[buffer]
         rows = self._rows[buffer]
         rows[0].copy_(f0)
@@ -98,7 +100,7 @@ class ExplicitRKStepper:
             yi = combine(None, y0, stages, dt)
         return yi, stages, rows[-1]
 
-    def _step_autograd(self, t0, y0, f0, dt, t1, time):
+    def _step_autograd(self, t0, y0, f0, dt, t1, time, keep_stages):
         """Under autograd: stages stay separate tensors, combined by scaled adds (cheap backward),
         and are stacked once at the end for the controller and the dense output."""
         c, dynamics = self.c, self.dynamics
@@ -112,7 +114,7 @@ class ExplicitRKStepper:
                 stages.append(dynamics(time(t0 + c[i] * dt), yi))
         if not self.tableau.fsal:
             yi = self._combine_list(None, y0, stages, dt)
-        return yi, torch.stack(stages), stages[-1]
+        return yi, torch.stack(stages) if keep_stages else None, stages[-1]
 
     def _combine_list(self, i, y0, stages, dt):
         """Stage input (or, for ``i=None``, the solution) from a list of stage tensors under autograd."""

@@ -16,6 +16,7 @@ accumulators), so every parameter is reduced once per iteration, after the adjoi
 collective runs inside a solve: adaptive solvers may take different steps on different processes.
 """
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ def process_group(device):
     """Join torchrun's process group for a run on ``device`` (a torch.device); yields the ``World``.
 
     Outside torchrun it yields ``SINGLE`` and does nothing. The backend is gloo for CPU runs and
-    nccl for CUDA runs (the process then uses cuda:LOCAL_RANK). The group is destroyed on exit.
+    nccl for CUDA runs (the process then uses cuda:LOCAL_RANK). The group is destroyed on exit,
+    after a barrier when the block ends normally (an exception may have hit one process only).
     """
     launch = launch_environment()
     if launch is None:
@@ -165,8 +167,22 @@ def process_group(device):
     dist.init_process_group(backend, rank=rank, world_size=size)
     try:
         yield World(rank, size, local_rank, True, str(device) if backend == "nccl" else "cpu")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave_together()
+
+
+def _leave_together():
+    """Destroy the process group once every process is done with it.
+
+    Objects holding the group (a DistributedDataParallel wrapper) go first, and a barrier keeps a
+    process from closing its connections while another still uses them: either makes gloo abort
+    a process at exit now and then ("terminate called without an active exception").
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def current_world():

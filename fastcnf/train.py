@@ -30,7 +30,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_save, atomic_w
                          load_checkpoint, restore_rng_states)
 from .config import ConfigError, TrainConfig
 from .data import load_dataset
-from .distributed import (BatchLoss, check_agreement, current_world, data_parallel, process_device,
+from .distributed import (SINGLE, BatchLoss, check_agreement, current_world, data_parallel, process_device,
                           reduce_metrics)
 from .methods import TRAINING_METHODS, OptimizerStep
 from .metrics import MetricsLog, write_summary
@@ -80,15 +80,14 @@ def _fork_rng(device):
 
 
 @torch.no_grad()
-def evaluate_nll(model, data, batch_size, seed, world=None):
+def evaluate_nll(model, data, batch_size, seed, world=SINGLE):
     """Mean negative log-likelihood (nats) of ``data`` in eval mode, and the forward NFE it took.
 
     Runs on a forked RNG seeded with ``seed`` (Hutchinson noise), leaving the caller's RNG as it was.
-    With a distributed ``world`` each process evaluates its rows of every chunk of ``batch_size``
-    (noise drawn per global chunk) and the NLL is that of all of ``data``; the NFE is the largest
-    of any process.
+    With a distributed ``world`` (every process must call this) each process evaluates its rows of
+    every chunk of ``batch_size`` (noise drawn per global chunk) and the NLL is that of all of
+    ``data``; the NFE is the largest of any process. By default the evaluation is local.
     """
-    world = current_world() if world is None else world
     shard = world.shard
     was_training = model.training
     model.eval()
@@ -170,9 +169,7 @@ class Trainer:
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.csv"))
         if checkpoint is not None:
             self._restore(checkpoint)
-        # methods with their own schedule (TO-FLOW, block-wise) leave some parameters without gradient per phase
-        self.batch_loss = data_parallel(BatchLoss(self.method, self.model), self.world, self.device,
-                                        find_unused_parameters=not isinstance(self.optimization, OptimizerStep))
+        self._parallel_loss = None
         if self.world.is_main:
             atomic_write_text(json.dumps(config.as_dict(), indent=2) + "\n", os.path.join(self.out, "config.json"))
 
@@ -236,7 +233,7 @@ class Trainer:
         start = time.perf_counter()
         with track() as stats, shard_draws(self.world.shard, self.config.batch_size):
             phase = self.optimization.begin(self.iteration - 1)
-            loss, metrics = self.batch_loss(batch)
+            loss, metrics = self._batch_loss()(batch)
             loss_value = loss.item()
             if not self.world.all_true(math.isfinite(loss_value)):
                 raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
@@ -249,13 +246,27 @@ class Trainer:
         self.elapsed += row["seconds"]
         return row
 
+    def _batch_loss(self):
+        """``method.loss(model, batch)``; in a multi-process run through DistributedDataParallel (built on first use)."""
+        if self._parallel_loss is None:
+            # methods with their own schedule (TO-FLOW, block-wise) leave parameters without gradient in some phases
+            self._parallel_loss = data_parallel(BatchLoss(self.method, self.model), self.world, self.device,
+                                                find_unused_parameters=not isinstance(self.optimization,
+                                                                                      OptimizerStep))
+        return self._parallel_loss
+
     def validate(self, split="validation"):
         data = self.dataset.validation[:self.config.val_size] if split == "validation" else self.dataset.test
         nll, nfe = evaluate_nll(self.model, data, max(self.config.batch_size, 1000), self.config.seed + 1, self.world)
         return {"iteration": self.iteration, "nll": nll, "nfe": nfe}
 
     def run(self):
-        """Train to ``config.iterations``; returns the summary dictionary (also in metrics.json)."""
+        """Train to ``config.iterations``; returns the summary dictionary (also in metrics.json).
+
+        The DistributedDataParallel wrapper of a multi-process run is released when the loop ends: it
+        holds the process group, which must outlive it (gloo aborts a process whose group is torn
+        down at exit with a wrapper still alive).
+        """
         from tqdm import tqdm
 
         config = self.config
@@ -279,6 +290,7 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+            self._parallel_loss = None
         return self.finish()
 
     def finish(self):

@@ -201,28 +201,34 @@ def _counting_allreduce(calls, bucket):
     return allreduce_hook(None, bucket)
 
 
+def _ddp_gradients(world, rank):
+    """Per iteration of ``SCHEDULE``: phase, NFE, all-reduce calls and the gradients DDP leaves."""
+    method, model, optimization = _toflow_model()
+    batch_loss = data_parallel(BatchLoss(method, model), world, torch.device("cpu"), find_unused_parameters=True)
+    calls = []
+    batch_loss.register_comm_hook(calls, _counting_allreduce)
+    records = []
+    for iteration, adjoint in SCHEDULE:
+        for block in model.cnf_blocks():
+            block.train_solver.adjoint = adjoint
+        phase = optimization.begin(iteration)
+        calls.clear()
+        with track() as stats:
+            loss, _ = batch_loss(_rank_batch(rank))
+            loss.backward()
+        records.append({"phase": phase, "nfe_backward": stats.nfe_backward, "nfe_forward": stats.nfe_forward,
+                        "allreduce_calls": len(calls),
+                        "grads": {name: None if p.grad is None else p.grad.clone()
+                                  for name, p in model.named_parameters()}})
+        model.zero_grad(set_to_none=True)
+    return records
+
+
 def _gradient_worker(rank, size, port, out):
     os.environ.update(_worker_environment(rank, size, port))
     torch.set_num_threads(1)
     with process_group(torch.device("cpu")) as world:
-        method, model, optimization = _toflow_model()
-        batch_loss = data_parallel(BatchLoss(method, model), world, torch.device("cpu"), find_unused_parameters=True)
-        calls = []
-        batch_loss.register_comm_hook(calls, _counting_allreduce)
-        records = []
-        for iteration, adjoint in SCHEDULE:
-            for block in model.cnf_blocks():
-                block.train_solver.adjoint = adjoint
-            phase = optimization.begin(iteration)
-            calls.clear()
-            with track() as stats:
-                loss, _ = batch_loss(_rank_batch(rank))
-                loss.backward()
-            records.append({"phase": phase, "nfe_backward": stats.nfe_backward, "nfe_forward": stats.nfe_forward,
-                            "allreduce_calls": len(calls),
-                            "grads": {name: None if p.grad is None else p.grad.clone()
-                                      for name, p in model.named_parameters()}})
-            model.zero_grad(set_to_none=True)
+        records = _ddp_gradients(world, rank)  # the DDP wrapper is gone before the group is destroyed
     torch.save(records, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -316,3 +322,9 @@ def test_metrics_are_averaged_except_counts_and_times_which_take_the_maximum():
                        "nfe_backward": 30, "seconds": 0.5}
     assert isinstance(reduced["nfe_forward"], int)
     assert reduce_metrics(SINGLE, row) is row
+
+
+def test_info_names_the_distributed_backends():
+    from fastcnf.info import describe
+
+    assert "torch.distributed: gloo (CPU) yes, nccl (CUDA) " in describe()

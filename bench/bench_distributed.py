@@ -1,4 +1,4 @@
-"""Training throughput of the 2-D CNF with 1 and 2 processes (torchrun, gloo, CPU).
+"""Training throughput of the 2-D CNF with 1 and 2 processes (torchrun, gloo, CPU): a script, not a pytest suite.
 
     python bench/bench_distributed.py --iterations 30 --batch 512 2048 --json bench/results/cpu-distributed.json
 

@@ -247,7 +247,7 @@ class Trainer:
         return row
 
     def _batch_loss(self):
-        """``method.loss(model, batch)``; in a multi-process run through DistributedDataParallel (built on first use)."""
+        """``method.loss(model, batch)``, through DistributedDataParallel when distributed (built on first use)."""
         if self._parallel_loss is None:
             # methods with their own schedule (TO-FLOW, block-wise) leave parameters without gradient in some phases
             self._parallel_loss = data_parallel(BatchLoss(self.method, self.model), self.world, self.device,

@@ -36,7 +36,6 @@ __all__ = ["World", "SINGLE", "DistributedError", "launch_environment", "process
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # metrics reduced by their maximum over processes (the slowest process sets the pace); others by the mean
 MAXIMUM_METRICS = ("nfe_forward", "nfe_backward", "seconds")
-UNREDUCED_METRICS = ("iteration", "phase")
 
 
 class DistributedError(ConfigError):
@@ -221,14 +220,19 @@ def check_agreement(world, settings):
                                "every process with the same arguments and the same checkpoint.")
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def reduce_metrics(world, row):
     """A metrics row with global values: ``MAXIMUM_METRICS`` by their maximum, other numbers by their mean.
 
     Per-process means over equal shares of the global batch average to the global batch's mean.
+    Numbers equal on every process (iteration, T) and non-numbers (the phase) are kept as they are.
     """
     if not world.distributed:
         return row
-    names = [name for name in row if name not in UNREDUCED_METRICS]
+    names = [name for name, value in row.items() if _is_number(value)]
     gathered = world.gather([row[name] for name in names])
     reduced = dict(row)
     for column, name in enumerate(names):
@@ -236,7 +240,7 @@ def reduce_metrics(world, row):
         if name in MAXIMUM_METRICS:
             value = values.max().item()
             reduced[name] = int(value) if isinstance(row[name], int) else value
-        else:
+        elif not bool((values == values[0]).all()):
             reduced[name] = values.mean().item()
     return reduced
 

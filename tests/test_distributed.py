@@ -314,13 +314,13 @@ class _TwoRanks:
 
 
 def test_metrics_are_averaged_except_counts_and_times_which_take_the_maximum():
-    row = {"iteration": 7, "phase": "time", "loss": 1.0, "end_time": 0.5, "nfe_forward": 20, "nfe_backward": 30,
-           "seconds": 0.25}
-    world = _TwoRanks([[1.0, 0.5, 20, 30, 0.25], [2.0, 0.5, 26, 28, 0.5]])
+    row = {"iteration": 7, "phase": "time", "loss": 1.0, "end_time": 0.5, "block": 2, "nfe_forward": 20,
+           "nfe_backward": 30, "seconds": 0.25}
+    world = _TwoRanks([[7, 1.0, 0.5, 2, 20, 30, 0.25], [7, 2.0, 0.5, 2, 26, 28, 0.5]])
     reduced = reduce_metrics(world, row)
-    assert reduced == {"iteration": 7, "phase": "time", "loss": 1.5, "end_time": 0.5, "nfe_forward": 26,
+    assert reduced == {"iteration": 7, "phase": "time", "loss": 1.5, "end_time": 0.5, "block": 2, "nfe_forward": 26,
                        "nfe_backward": 30, "seconds": 0.5}
-    assert isinstance(reduced["nfe_forward"], int)
+    assert all(type(reduced[name]) is int for name in ("iteration", "block", "nfe_forward"))
     assert reduce_metrics(SINGLE, row) is row
 
 

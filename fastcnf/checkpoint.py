@@ -84,8 +84,13 @@ def load_checkpoint(location, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path!r}: {error}") from None
 
 
-def capture_rng_states():
-    """torch (CPU and CUDA), numpy-global and python ``random`` states as tensors and plain values."""
+def capture_rng_states(device=None):
+    """torch (CPU and CUDA), numpy-global and python ``random`` states as tensors and plain values.
+
+    For a CUDA ``device`` the state of that device's generator is also kept by itself, so that
+    ``restore_rng_states`` can put it on another process's device (multi-process training keeps
+    the generators of all processes in step; rank 0 saves for all).
+    """
     name, keys, position, has_gauss, cached = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(),
@@ -95,11 +100,13 @@ def capture_rng_states():
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        states["device"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def restore_rng_states(states):
-    """Inverse of ``capture_rng_states``."""
+def restore_rng_states(states, device=None):
+    """Inverse of ``capture_rng_states``; a saved device state goes to the CUDA ``device`` given here."""
     torch.set_rng_state(states["torch"])
     numpy_state = states["numpy"]
     np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
@@ -108,3 +115,5 @@ def restore_rng_states(states):
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    if "device" in states and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(states["device"], device)

@@ -4,6 +4,7 @@
     python -m fastcnf train --out runs/demo --resume            # continue a stopped run
     python -m fastcnf sample --checkpoint runs/demo --num 5000 --out samples.npy
     python -m fastcnf eval --checkpoint runs/demo --split test
+    torchrun --nproc_per_node 2 -m fastcnf train ...           # one run on 2 processes (fastcnf.distributed)
 
 Bad input (unknown data or method, bad numbers, a missing checkpoint...) prints one line
 ``fastcnf <command>: error: ...`` and exits with status 2, like argparse's own errors.
@@ -83,7 +84,8 @@ def _add_train_parser(commands):
     group.add_argument("--time-steps", dest="time_steps", type=int, help="T iterations per cycle (1)")
     group = parser.add_argument_group("optimization")
     group.add_argument("--iterations", type=int, help="training iterations (default 1000)")
-    group.add_argument("--batch-size", "--batch", dest="batch_size", type=int, help="batch size (default 512)")
+    group.add_argument("--batch-size", "--batch", dest="batch_size", type=int,
+                       help="batch size (default 512); under torchrun the global batch, split over the processes")
     group.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     group.add_argument("--weight-decay", dest="weight_decay", type=float, help="Adam weight decay (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -126,8 +128,10 @@ class UsageError(ValueError):
 
 
 def _train(args):
+    """Train, alone or as one process of a torchrun launch (then only rank 0 prints the summary)."""
     from .config import TrainConfig
-    from .train import Trainer
+    from .distributed import process_group
+    from .train import Trainer, load_resume_point, select_device
 
     settings = vars(args).copy()
     settings.pop("command")
@@ -138,13 +142,16 @@ def _train(args):
         if fixed:
             raise UsageError(f"--{fixed[0].replace('_', '-')} cannot be changed on --resume; the run's settings "
                              "come from its checkpoint (only --iterations may be raised).")
-        trainer = Trainer.resume(settings.get("out", TrainConfig.out), settings.get("iterations"), progress)
+        config, checkpoint = load_resume_point(settings.get("out", TrainConfig.out), settings.get("iterations"))
     else:
-        trainer = Trainer(TrainConfig(**settings), progress)
-    summary = trainer.run()
-    test = summary["test"]
-    print(f"test NLL {test['nll']:.4f} nats ({trainer.iteration} iterations, {summary['train_seconds']:.1f} s "
-          f"training); run in {trainer.out}" + (f"; picture {summary['picture']}" if summary["picture"] else ""))
+        config, checkpoint = TrainConfig(**settings), None
+    with process_group(select_device(config.device)) as world:
+        trainer = Trainer(config, progress, checkpoint, world)
+        summary = trainer.run()
+    if world.is_main:
+        test = summary["test"]
+        print(f"test NLL {test['nll']:.4f} nats ({trainer.iteration} iterations, {summary['train_seconds']:.1f} s "
+              f"training); run in {trainer.out}" + (f"; picture {summary['picture']}" if summary["picture"] else ""))
     return 0
 
 

@@ -12,7 +12,9 @@ the Jacobian regularizer.
     fd-rademacher
 
 The Hutchinson noise is drawn by ``resample(z)`` (a CNF calls it at the start of every solve) and
-stays fixed during the solve and its adjoint, as an unbiased estimator of a solve requires.
+stays fixed during the solve and its adjoint, as an unbiased estimator of a solve requires. In
+multi-process training it is drawn for the global batch and cut to this process's rows
+(``fastcnf.sharding.draw_rows``), so a sample's noise does not depend on the number of processes.
 Gradients through the estimates flow to ``z`` and to the parameters of ``func`` under plain
 autograd and under ``odeint_adjoint``.
 
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+
+from .sharding import draw_rows
 
 __all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
            "ESTIMATORS", "make_estimator", "draw_noise", "NOISES"]
@@ -87,7 +91,7 @@ class _NoiseEstimator:
 
     def resample(self, z):
         """Draw fresh noise shaped like ``z`` (B, *event); it is used until the next call."""
-        self.noise = draw_noise(self.noise_kind, z.detach())
+        self.noise = draw_rows(partial(draw_noise, self.noise_kind), z.detach())
 
     def _current_noise(self, z):
         if self.noise is None or self.noise.shape != z.shape:

@@ -25,6 +25,7 @@ def describe():
     else:
         lines.append("triton: not installed")
     lines.append(f"FASTCNF_BACKEND: {requested_backend()}")
+    lines.append(_distributed_line())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         try:
@@ -33,3 +34,13 @@ def describe():
             backend = f"unavailable ({error})"
         lines.append(f"backend on {device}: {backend}")
     return "\n".join(lines)
+
+
+def _distributed_line():
+    """Which torch.distributed backends multi-process training (torchrun) can use here."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed: not available (multi-process training needs it)"
+    backends = {"gloo (CPU)": dist.is_gloo_available(), "nccl (CUDA)": dist.is_nccl_available()}
+    return "torch.distributed: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in backends.items())

@@ -10,9 +10,15 @@ The trainer knows nothing method specific: the method builds the model and its o
 turns a batch into a loss (``fastcnf.methods``). Validation runs on a forked RNG so it never
 changes the training stream, and every random draw of training comes from state the checkpoint
 saves.
+
+Under torchrun (``fastcnf.distributed``) every process runs a ``Trainer`` on its share of each
+global batch of ``batch_size`` rows (``fastcnf.sharding``), gradients are averaged by
+DistributedDataParallel once per iteration, metrics rows and validation NLLs are reduced to
+global values, and only rank 0 writes files; every process resumes from the same checkpoint.
 """
 
 import json
+import math
 import os
 import random
 import time
@@ -24,11 +30,15 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, atomic_save, atomic_w
                          load_checkpoint, restore_rng_states)
 from .config import ConfigError, TrainConfig
 from .data import load_dataset
-from .methods import TRAINING_METHODS
+from .distributed import (SINGLE, BatchLoss, check_agreement, current_world, data_parallel, process_device,
+                          reduce_metrics)
+from .methods import TRAINING_METHODS, OptimizerStep
 from .metrics import MetricsLog, write_summary
+from .sharding import shard_draws, sharded_sampler
 from .stats import track
 
-__all__ = ["Trainer", "TrainingDiverged", "evaluate_nll", "load_run", "seed_everything", "select_device"]
+__all__ = ["Trainer", "TrainingDiverged", "evaluate_nll", "load_run", "load_resume_point", "seed_everything",
+           "select_device"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -70,11 +80,15 @@ def _fork_rng(device):
 
 
 @torch.no_grad()
-def evaluate_nll(model, data, batch_size, seed):
+def evaluate_nll(model, data, batch_size, seed, world=SINGLE):
     """Mean negative log-likelihood (nats) of ``data`` in eval mode, and the forward NFE it took.
 
     Runs on a forked RNG seeded with ``seed`` (Hutchinson noise), leaving the caller's RNG as it was.
+    With a distributed ``world`` (every process must call this) each process evaluates its rows of
+    every chunk of ``batch_size`` (noise drawn per global chunk) and the NLL is that of all of
+    ``data``; the NFE is the largest of any process. By default the evaluation is local.
     """
+    shard = world.shard
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -82,11 +96,27 @@ def evaluate_nll(model, data, batch_size, seed):
     with _fork_rng(device), track() as stats:
         torch.manual_seed(seed)
         for chunk in data.split(batch_size):
-            log_p = model.log_prob(chunk.to(device))
+            rows = shard.take(chunk)
+            if rows.shape[0] == 0:
+                continue
+            with shard_draws(shard, chunk.shape[0]):
+                log_p = model.log_prob(rows.to(device))
             total += float(log_p.double().sum())
-            count += chunk.shape[0]
+            count += rows.shape[0]
     model.train(was_training)
-    return -total / count, stats.nfe_forward
+    if not world.distributed:
+        return -total / count, stats.nfe_forward
+    totals = world.gather([total, count, stats.nfe_forward])
+    return -totals[:, 0].sum().item() / totals[:, 1].sum().item(), int(totals[:, 2].max().item())
+
+
+def load_resume_point(out, iterations=None):
+    """(config, checkpoint) to continue the run in ``out`` (``iterations`` may extend it)."""
+    checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    values = dict(checkpoint["config"], out=out)
+    if iterations is not None:
+        values["iterations"] = iterations
+    return TrainConfig.from_dict(values), checkpoint
 
 
 def load_run(location, device="cpu"):
@@ -102,18 +132,29 @@ def load_run(location, device="cpu"):
     return config, model, dataset, checkpoint
 
 
+def _divergence_message(loss_value, iteration):
+    what = "non-finite in another process" if math.isfinite(loss_value) else str(loss_value)
+    return f"the loss became {what} at iteration {iteration}; lower --lr or tighten --rtol/--atol."
+
+
 class Trainer:
     """Runs ``config`` (a ``TrainConfig``) in the directory ``config.out``.
 
     ``Trainer(config)`` starts a new run (``config.out`` must not hold one);
     ``Trainer.resume(out)`` continues the run in ``out`` from its checkpoint, bit for bit.
     ``progress`` shows a tqdm bar (loss, NLL, NFE, T, it/s).
+    ``world`` (``fastcnf.distributed.World``, default: the current process group's, if any) makes
+    it one process of a multi-process run: ``config.batch_size`` is then the global batch.
     """
 
-    def __init__(self, config, progress=True, checkpoint=None):
-        self.config, self.progress, self.out = config, progress, config.out
+    def __init__(self, config, progress=True, checkpoint=None, world=None):
+        self.config, self.out = config, config.out
+        self.world = current_world() if world is None else world
+        self.progress = progress and self.world.is_main
         self.checkpoint_file = os.path.join(self.out, CHECKPOINT_NAME)
-        self.device = select_device(config.device)
+        self.device = process_device(select_device(config.device), self.world.local_rank, self.world.distributed)
+        check_agreement(self.world, {**config.as_dict(),
+                                     "checkpoint iteration": None if checkpoint is None else checkpoint["iteration"]})
         torch.set_num_threads(_thread_count(config.threads, self.device))
         seed_everything(config.seed)
         self.dataset = load_dataset(config.data, config.seed, config.logit)
@@ -122,25 +163,27 @@ class Trainer:
         self.method = TRAINING_METHODS[config.method]()
         self.model = self.method.build_model(config, self.dataset.dim).to(self.device)
         self.optimization = self.method.build_optimization(self.model, config)
-        self.sampler = self.dataset.sampler(config.batch_size, config.seed)
+        self.sampler = (sharded_sampler(self.dataset, config.batch_size, config.seed, self.world.shard)
+                        if self.world.distributed else self.dataset.sampler(config.batch_size, config.seed))
         self.iteration, self.elapsed, self.validation_history = 0, 0.0, []
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.csv"))
         if checkpoint is not None:
             self._restore(checkpoint)
-        atomic_write_text(json.dumps(config.as_dict(), indent=2) + "\n", os.path.join(self.out, "config.json"))
+        self._parallel_loss = None
+        if self.world.is_main:
+            atomic_write_text(json.dumps(config.as_dict(), indent=2) + "\n", os.path.join(self.out, "config.json"))
 
     @classmethod
-    def resume(cls, out, iterations=None, progress=True):
+    def resume(cls, out, iterations=None, progress=True, world=None):
         """The trainer of the run in ``out`` at its last checkpoint (``iterations`` may extend it)."""
-        checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
-        values = dict(checkpoint["config"], out=out)
-        if iterations is not None:
-            values["iterations"] = iterations
-        return cls(TrainConfig.from_dict(values), progress, checkpoint)
+        config, checkpoint = load_resume_point(out, iterations)
+        return cls(config, progress, checkpoint, world)
 
     def _prepare_new_run(self):
         if os.path.isfile(self.checkpoint_file):
             raise ConfigError(f"{self.out!r} already holds a run; pass --resume to continue it or choose another --out.")
+        if not self.world.is_main:
+            return
         os.makedirs(self.out, exist_ok=True)
         for name in ("metrics.csv", "metrics.json"):
             if os.path.isfile(os.path.join(self.out, name)):
@@ -157,7 +200,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimization": self.optimization.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": capture_rng_states(),
+            "rng": capture_rng_states(self.device),
             "validation": self.validation_history,
         }
 
@@ -170,42 +213,60 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimization.load_state_dict(checkpoint["optimization"])
         self.sampler.load_state_dict(checkpoint["sampler"])
-        restore_rng_states(checkpoint["rng"])
+        restore_rng_states(checkpoint["rng"], self.device)
         self.iteration, self.elapsed = checkpoint["iteration"], checkpoint["elapsed"]
         self.validation_history = list(checkpoint["validation"])
-        self.metrics.truncate(self.iteration)
+        if self.world.is_main:
+            self.metrics.truncate(self.iteration)
 
     def save(self):
-        atomic_save(self.state_dict(), self.checkpoint_file)
-        write_summary(self.summary(), os.path.join(self.out, "metrics.json"))
+        """Checkpoint and summary (rank 0 only)."""
+        if self.world.is_main:
+            atomic_save(self.state_dict(), self.checkpoint_file)
+            write_summary(self.summary(), os.path.join(self.out, "metrics.json"))
 
     # ------------------------------------------------------------------ loop
     def train_step(self):
-        """One iteration; returns its metrics row."""
+        """One iteration; returns its metrics row (global values in a multi-process run)."""
         self.iteration += 1
         batch = self.sampler.next().to(self.device)
         start = time.perf_counter()
-        with track() as stats:
+        with track() as stats, shard_draws(self.world.shard, self.config.batch_size):
             phase = self.optimization.begin(self.iteration - 1)
-            loss, metrics = self.method.loss(self.model, batch)
+            loss, metrics = self._batch_loss()(batch)
             loss_value = loss.item()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss_value} at iteration {self.iteration}; lower --lr or "
-                                       "tighten --rtol/--atol.")
+            if not self.world.all_true(math.isfinite(loss_value)):
+                raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
             loss.backward()
             self.optimization.step()
         seconds = time.perf_counter() - start
-        self.elapsed += seconds
-        return {"iteration": self.iteration, "phase": phase, "loss": loss_value, **metrics,
-                "nfe_forward": stats.nfe_forward, "nfe_backward": stats.nfe_backward, "seconds": seconds}
+        row = reduce_metrics(self.world, {
+            "iteration": self.iteration, "phase": phase, "loss": loss_value, **metrics,
+            "nfe_forward": stats.nfe_forward, "nfe_backward": stats.nfe_backward, "seconds": seconds})
+        self.elapsed += row["seconds"]
+        return row
+
+    def _batch_loss(self):
+        """``method.loss(model, batch)``, through DistributedDataParallel when distributed (built on first use)."""
+        if self._parallel_loss is None:
+            # methods with their own schedule (TO-FLOW, block-wise) leave parameters without gradient in some phases
+            self._parallel_loss = data_parallel(BatchLoss(self.method, self.model), self.world, self.device,
+                                                find_unused_parameters=not isinstance(self.optimization,
+                                                                                      OptimizerStep))
+        return self._parallel_loss
 
     def validate(self, split="validation"):
         data = self.dataset.validation[:self.config.val_size] if split == "validation" else self.dataset.test
-        nll, nfe = evaluate_nll(self.model, data, max(self.config.batch_size, 1000), self.config.seed + 1)
+        nll, nfe = evaluate_nll(self.model, data, max(self.config.batch_size, 1000), self.config.seed + 1, self.world)
         return {"iteration": self.iteration, "nll": nll, "nfe": nfe}
 
     def run(self):
-        """Train to ``config.iterations``; returns the summary dictionary (also in metrics.json)."""
+        """Train to ``config.iterations``; returns the summary dictionary (also in metrics.json).
+
+        The DistributedDataParallel wrapper of a multi-process run is released when the loop ends: it
+        holds the process group, which must outlive it (gloo aborts a process whose group is torn
+        down at exit with a wrapper still alive).
+        """
         from tqdm import tqdm
 
         config = self.config
@@ -214,27 +275,33 @@ class Trainer:
         try:
             while self.iteration < config.iterations:
                 row = self.train_step()
-                self.metrics.append(row)
+                if self.world.is_main:
+                    self.metrics.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{row['nll']:.3f}",
                                 nfe=row["nfe_forward"] + row["nfe_backward"], T=f"{row['end_time']:.3g}")
                 bar.update()
                 last = self.iteration == config.iterations
                 if self.iteration % config.val_every == 0 or last:
                     self.validation_history.append(self.validate())
-                    bar.write(f"iteration {self.iteration}: validation NLL {self.validation_history[-1]['nll']:.4f}")
+                    if self.world.is_main:
+                        bar.write(f"iteration {self.iteration}: validation NLL "
+                                  f"{self.validation_history[-1]['nll']:.4f}")
                 if self.iteration % config.checkpoint_every == 0 or last:
                     self.save()
         finally:
             bar.close()
+            self._parallel_loss = None
         return self.finish()
 
     def finish(self):
-        """Test NLL, the picture and the final summary."""
+        """Test NLL, the picture and the final summary (every process returns rank 0's)."""
         test = self.validate("test")
-        picture = self.plot() if self.config.plot else None
-        summary = self.summary(test=test, picture=picture)
-        write_summary(summary, os.path.join(self.out, "metrics.json"))
-        return summary
+        summary = None
+        if self.world.is_main:
+            picture = self.plot() if self.config.plot else None
+            summary = self.summary(test=test, picture=picture)
+            write_summary(summary, os.path.join(self.out, "metrics.json"))
+        return self.world.broadcast_object(summary)
 
     def summary(self, test=None, picture=None):
         rows = self.metrics.rows()

@@ -122,7 +122,7 @@ class Trainer:
         self.method = TRAINING_METHODS[config.method]()
         self.model = self.method.build_model(config, self.dataset.dim).to(self.device)
         self.optimization = self.method.build_optimization(self.model, config)
-        self.sampler = self.dataset.sampler(config.batch_size, config.seed)
+        self.sampler = self.method.sampler(self.dataset, config)
         self.iteration, self.elapsed, self.validation_history = 0, 0.0, []
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.csv"))
         if checkpoint is not None:
@@ -212,13 +212,12 @@ class Trainer:
         bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.progress, unit="it",
                    dynamic_ncols=True, mininterval=0.5, desc=f"{config.method} {config.data}")
         try:
-            while self.iteration < config.iterations:
+            while self.iteration < config.iterations and not self.method.finished(self.optimization):
                 row = self.train_step()
                 self.metrics.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{row['nll']:.3f}",
-                                nfe=row["nfe_forward"] + row["nfe_backward"], T=f"{row['end_time']:.3g}")
+                bar.set_postfix(self.method.progress(row))
                 bar.update()
-                last = self.iteration == config.iterations
+                last = self.iteration == config.iterations or self.method.finished(self.optimization)
                 if self.iteration % config.val_every == 0 or last:
                     self.validation_history.append(self.validate())
                     bar.write(f"iteration {self.iteration}: validation NLL {self.validation_history[-1]['nll']:.4f}")

@@ -82,11 +82,11 @@ def _add_train_parser(commands):
     group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight iterations per cycle (3)")
     group.add_argument("--time-steps", dest="time_steps", type=int, help="T iterations per cycle (1)")
     group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule)")
-    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 0.5)")
+    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 1)")
     group.add_argument("--jko-rho", dest="jko_rho", type=float, help="interval growth h_k = h_0 rho^(k-1) (1.2)")
     group.add_argument("--jko-block-iterations", dest="jko_block_iterations", type=int,
-                       help="iterations per block while growing the stack (200)")
-    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (8)")
+                       help="iterations per block while growing the stack (250)")
+    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (4)")
     group.add_argument("--jko-tolerance", dest="jko_tolerance", type=float,
                        help="stop growing when a block moves less (W2 proxy; 0.05, 0: never)")
     group.add_argument("--jko-reparameterize", dest="jko_reparameterize", action="store_true",

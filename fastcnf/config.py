@@ -59,10 +59,10 @@ class TrainConfig:
     t_max: float = 5.0
     weight_steps: int = 3
     time_steps: int = 1
-    jko_h0: float = 0.5
+    jko_h0: float = 1.0
     jko_rho: float = 1.2
-    jko_block_iterations: int = 200
-    jko_max_blocks: int = 8
+    jko_block_iterations: int = 250
+    jko_max_blocks: int = 4
     jko_tolerance: float = 0.05
     jko_finetune_iterations: int = 100
     jko_reparameterize: bool = False

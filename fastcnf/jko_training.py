@@ -1,4 +1,4 @@
-"""Block-wise training of a ``fastcnf.jko.JKOFlow``: sample cache, stage schedule, the ``jko`` method.
+"""Block-wise training of a ``fastcnf.jko.JKOFlow``: the stage schedule and the ``jko`` method.
 
 Training runs in stages; a stage trains one block alone (fresh Adam, every other block frozen)
 for a fixed number of iterations on mini-batches of a fixed training pool pushed through the
@@ -13,31 +13,26 @@ blocks before it:
     refine          (optional) split every block into two of half length, both initialised from
                     the parent, then fine-tune the blocks in order
 
-The pushed-forward pool is cached (``PushForwardCache``) and advanced by one block when a stage
-ends, so an iteration costs the memory and compute of one block. On resume the cache is
-recomputed from the saved blocks; the pushes draw their Hutchinson noise from a seed per block,
-never from the training RNG, so a resumed run continues bit for bit.
+The pushed-forward pool is cached (``fastcnf.jko_data.PushForwardCache``) and advanced by one
+block when a stage ends, so an iteration costs the memory and compute of one block. On resume
+the cache is recomputed from the saved blocks, bit for bit.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .cnf import standard_normal_log_prob
-from .data import ArrayDataset, DataError, ToyDataset, toy_sample
-from .jko import BlockSolver, JKOFlow, block_objective, movement, reparameterized_intervals
+from .jko import BlockSolver, JKOFlow, block_objective, reparameterized_intervals
+from .jko_data import IndexSampler, PushForwardCache, training_pool
 from .methods import TrainingMethod, register_training_method, resolve_divergence
 from .nets import ODEnet
 from .stats import untracked
 
-__all__ = ["JKOSettings", "PushForwardCache", "IndexSampler", "JKOSchedule", "JKOIFlow", "training_pool",
-           "jko_settings", "block_solver", "PHASES"]
+__all__ = ["JKOSettings", "JKOSchedule", "JKOIFlow", "jko_settings", "block_solver", "PHASES"]
 
 PHASES = ("grow", "reparameterize", "refine", "done")
-POOL_STREAM = 3  # child of numpy's SeedSequence(seed) drawing the pool (datasets use children 0-2)
 
 
 def _positive_int(name, value):
@@ -62,10 +57,10 @@ class JKOSettings:
     reparameterize, refine: run those passes.
     """
 
-    h0: float = 0.5
+    h0: float = 1.0
     rho: float = 1.2
-    block_iterations: int = 200
-    max_blocks: int = 8
+    block_iterations: int = 250
+    max_blocks: int = 4
     tolerance: float = 0.05
     finetune_iterations: int = 100
     reparameterize: bool = False
@@ -102,120 +97,6 @@ def jko_settings(config):
 def block_solver(config):
     """``BlockSolver`` from a ``TrainConfig`` (``jko_solver`` with ``jko_steps`` steps, or rtol/atol)."""
     return BlockSolver(config.jko_solver, config.jko_steps, config.rtol, config.atol)
-
-
-# ----------------------------------------------------------------------------- data
-def training_pool(dataset, size, seed):
-    """The fixed training points (N, D) float32 of block-wise training.
-
-    A 2-D toy gives ``size`` fresh draws from its own stream of ``seed``; a table or digits gives
-    its training rows (digits dequantized once, with a fixed seed).
-    """
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(POOL_STREAM + 1)[POOL_STREAM])
-    if isinstance(dataset, ToyDataset):
-        points = toy_sample(dataset.name, size, rng)
-    elif isinstance(dataset, ArrayDataset):
-        points = dataset.train if dataset.transform is None else dataset.transform(dataset.train, rng)
-    else:
-        raise DataError(f"block-wise training needs a toy or array dataset, got {type(dataset).__name__}.")
-    return torch.from_numpy(np.ascontiguousarray(points)).float()
-
-
-class IndexSampler:
-    """Endless batches of row indices (int64) into a pool of ``size`` rows, reshuffled every epoch."""
-
-    def __init__(self, size, batch_size, seed):
-        if batch_size > size:
-            raise DataError(f"batch size {batch_size} exceeds the {size} training points of the pool.")
-        self.size, self.batch_size = size, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order, self.position = self.rng.permutation(size), 0
-
-    def next(self):
-        if self.position + self.batch_size > self.size:
-            self.order, self.position = self.rng.permutation(self.size), 0
-        rows = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return torch.from_numpy(rows.astype(np.int64))
-
-    def state_dict(self):
-        return {"rng": self.rng.bit_generator.state, "order": torch.from_numpy(self.order.copy()),
-                "position": self.position}
-
-    def load_state_dict(self, state):
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.position = state["order"].numpy().copy(), int(state["position"])
-
-
-@contextmanager
-def _seeded_rng(seed, device):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-class PushForwardCache:
-    """The pool pushed through blocks 0..depth-1 of a flow, without gradients.
-
-    Holds ``x`` (N, D) and ``delta_logp`` (N,) = -(sum of the blocks' integrated divergences, by
-    the flow's evaluation estimator). ``depth`` is None until ``reset``/``rebuild``. Pushes run in
-    chunks of ``chunk_size`` rows; block k's Hutchinson noise comes from the seed ``seed``,k.
-    """
-
-    def __init__(self, pool=None, chunk_size=4096):
-        self.pool, self.chunk_size = pool, chunk_size
-        self.x = self.delta_logp = self.depth = None
-
-    def set_pool(self, pool):
-        self.pool = pool
-        self.invalidate()
-
-    def invalidate(self):
-        self.x = self.delta_logp = self.depth = None
-
-    def _require_pool(self):
-        if self.pool is None:
-            raise RuntimeError("PushForwardCache has no pool; call set_pool(points) first.")
-
-    def reset(self, flow):
-        """Depth 0: the pool itself, on the flow's device."""
-        self._require_pool()
-        device = next(flow.parameters()).device
-        self.x = self.pool.to(device)
-        self.delta_logp = self.x.new_zeros(self.x.shape[0])
-        self.depth = 0
-
-    @torch.no_grad()
-    def advance(self, flow, seed):
-        """Push through block ``depth`` (depth += 1); returns that block's W2 proxy over the pool."""
-        if self.depth is None:
-            raise RuntimeError("the cache is not built; call reset(flow) or rebuild(flow, depth, seed).")
-        index = self.depth
-        with _seeded_rng(_block_seed(seed, index), self.x.device):
-            pushed = [flow.block_forward(index, x, logp, estimator=flow.test_estimator)
-                      for x, logp in zip(self.x.split(self.chunk_size), self.delta_logp.split(self.chunk_size))]
-        x_next = torch.cat([x for x, _ in pushed])
-        moved = movement(self.x, x_next)
-        self.x, self.delta_logp = x_next, torch.cat([logp for _, logp in pushed])
-        self.depth += 1
-        return moved
-
-    def rebuild(self, flow, depth, seed):
-        """Recompute depth ``depth`` from the pool (bit-identical to advancing block by block)."""
-        self.reset(flow)
-        for _ in range(depth):
-            self.advance(flow, seed)
-
-    def batch(self, indices):
-        """(x (B, D), delta_logp (B,)) of the cached rows ``indices``."""
-        if self.depth is None:
-            raise RuntimeError("the cache is not built; call reset(flow) or rebuild(flow, depth, seed).")
-        return self.x[indices], self.delta_logp[indices]
-
-
-def _block_seed(seed, index):
-    return (seed * 1_000_003 + 7919 * (index + 1)) % (2 ** 63)
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -51,7 +51,7 @@ CASES = {
             "ffjord": dict(method="ffjord", solver="dopri5", rtol=1e-4, atol=1e-4, divergence="hutchinson-gaussian",
                            test_divergence="hutchinson-gaussian"),
             "jko": dict(method="jko", activation="softplus", jko_h0=1.0, jko_rho=1.25, jko_max_blocks=6,
-                        jko_block_iterations=230, jko_steps=4, jko_tolerance=0.02, divergence="hutchinson-gaussian",
+                        jko_block_iterations=300, jko_steps=4, jko_tolerance=0.02, divergence="hutchinson-gaussian",
                         test_divergence="hutchinson-gaussian"),
         },
     ),

@@ -2,6 +2,7 @@
 likelihood and inverse, the schedule's stopping rule, reparameterization and refinement."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -285,3 +286,19 @@ def test_cache_rebuilt_from_scratch_equals_the_incremental_pushes_and_leaves_the
     with track() as stats:
         rebuilt.advance(flow, seed=4)
     assert stats.nfe_forward == 3 * 12  # 3 chunks x 3 rk4 steps x 4 stages: counted outside untracked()
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: JKOSettings(h0=0.0), ValueError, "jko h0 must be a positive finite number, got 0.0"),
+    (lambda: JKOSettings(max_blocks=0), ValueError, "jko max blocks must be a positive integer, got 0"),
+    (lambda: JKOSettings(tolerance=-1.0), ValueError, "jko tolerance must be a finite number >= 0"),
+    (lambda: JKOSettings(refine=1), ValueError, "jko refine must be True or False"),
+    (lambda: BlockSolver("rk4", steps=0), ValueError, "steps must be a positive integer, got 0"),
+    (lambda: BlockSolver("rk5"), ValueError, 'Invalid method "rk5"'),
+    (lambda: JKOFlow(ODEnet(2, (4,)), interval=-0.5), ValueError, "interval must be a positive finite number"),
+    (lambda: JKOFlow(ODEnet(2, (4,)), 1.0).set_intervals([1.0, 2.0]), ValueError, "need 1 intervals, got 2"),
+    (lambda: JKOSchedule(_net_flow(1).nets[0], PushForwardCache(), JKOSettings()), TypeError, "trains a JKOFlow"),
+])
+def test_bad_jko_arguments_are_named(build, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        build()

@@ -82,6 +82,25 @@ def _add_train_parser(commands):
     group.add_argument("--t-max", dest="t_max", type=float, help="upper clip of T (default 5)")
     group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight iterations per cycle (3)")
     group.add_argument("--time-steps", dest="time_steps", type=int, help="T iterations per cycle (1)")
+    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule)")
+    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 1)")
+    group.add_argument("--jko-rho", dest="jko_rho", type=float, help="interval growth h_k = h_0 rho^(k-1) (1.2)")
+    group.add_argument("--jko-block-iterations", dest="jko_block_iterations", type=int,
+                       help="iterations per block while growing the stack (250)")
+    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (4)")
+    group.add_argument("--jko-tolerance", dest="jko_tolerance", type=float,
+                       help="stop growing when a block moves less (W2 proxy; 0.05, 0: never)")
+    group.add_argument("--jko-reparameterize", dest="jko_reparameterize", action="store_true",
+                       help="re-space the intervals to equal movement, then fine-tune every block")
+    group.add_argument("--jko-refine", dest="jko_refine", action="store_true",
+                       help="split every block in two halves, then fine-tune every block")
+    group.add_argument("--jko-finetune-iterations", dest="jko_finetune_iterations", type=int,
+                       help="iterations per block in the reparameterize/refine passes (100)")
+    group.add_argument("--jko-solver", dest="jko_solver", choices=tuple(SOLVERS),
+                       help="ODE method of a block (default rk4; adaptive ones use --rtol/--atol)")
+    group.add_argument("--jko-steps", dest="jko_steps", type=int, help="steps per block of fixed-grid solvers (4)")
+    group.add_argument("--jko-pool", dest="jko_pool", type=int,
+                       help="training points drawn from a toy (20000; tables and digits use their rows)")
     group = parser.add_argument_group("optimization")
     group.add_argument("--iterations", type=int, help="training iterations (default 1000)")
     group.add_argument("--batch-size", "--batch", dest="batch_size", type=int,

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .data import DATASET_NAMES
+from .data import DATASET_NAMES, TOY_DATASETS
 from .divergence import ESTIMATORS
 from .methods import TRAINING_METHODS
 from .nets import ACTIVATIONS, LAYERS
@@ -59,6 +59,17 @@ class TrainConfig:
     t_max: float = 5.0
     weight_steps: int = 3
     time_steps: int = 1
+    jko_h0: float = 1.0
+    jko_rho: float = 1.2
+    jko_block_iterations: int = 250
+    jko_max_blocks: int = 4
+    jko_tolerance: float = 0.05
+    jko_finetune_iterations: int = 100
+    jko_reparameterize: bool = False
+    jko_refine: bool = False
+    jko_solver: str = "rk4"
+    jko_steps: int = 4
+    jko_pool: int = 20000
     iterations: int = 1000
     batch_size: int = 512
     lr: float = 1e-3
@@ -105,12 +116,14 @@ class TrainConfig:
         _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
         _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)
+        _choice("jko_solver", self.jko_solver, tuple(SOLVERS))
         if not self.hidden:
             raise ConfigError("hidden needs at least one width, e.g. 64,64,64.")
         for width in self.hidden:
             _positive_int("hidden width", width)
         for name in ("blocks", "iterations", "batch_size", "val_every", "val_size", "checkpoint_every",
-                     "weight_steps", "time_steps", "tpr_times"):
+                     "weight_steps", "time_steps", "tpr_times", "jko_block_iterations", "jko_max_blocks",
+                     "jko_finetune_iterations", "jko_steps", "jko_pool"):
             _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
@@ -118,18 +131,21 @@ class TrainConfig:
             raise ConfigError(f"tpr_degree must be 1 or 2, got {self.tpr_degree!r}.")
         if self.tpr_times < self.tpr_degree:
             raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
-        for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max"):
+        for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho"):
             _positive(name, getattr(self, name))
         for name in ("step_size", "test_rtol", "test_atol"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        for name in ("weight_decay", "time_alpha", "kinetic", "jacobian", "tpr_weight"):
+        for name in ("weight_decay", "time_alpha", "kinetic", "jacobian", "tpr_weight", "jko_tolerance"):
             if getattr(self, name) is not None:
                 _non_negative(name, getattr(self, name))
         if not self.t_min < self.t_max:
             raise ConfigError(f"need t_min < t_max, got {self.t_min} and {self.t_max}.")
         if self.method == "toflow" and not self.t_min <= self.end_time <= self.t_max:
             raise ConfigError(f"end_time={self.end_time} must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}].")
+        if self.method == "jko" and self.data in TOY_DATASETS and self.batch_size > self.jko_pool:
+            raise ConfigError(f"batch_size={self.batch_size} exceeds jko_pool={self.jko_pool}, the training points "
+                              "of block-wise training.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
         if not self.device or not isinstance(self.device, str):

@@ -75,6 +75,6 @@ class _CotangentSolve:
                 return adjoint
             if change != change or size == float("inf"):
                 break
-        raise NonlinearSolveError(f"The backward (implicit function theorem) solve for {self.describe()} did not converge "
-                                  f"in {self.max_iters} iteration(s); last change {change:.3e} against solution size "
+        raise NonlinearSolveError(f"The backward (implicit function theorem) solve for {self.describe()} did not "
+                                  f"converge in {self.max_iters} iteration(s); last change {change:.3e} against solution size "
                                   f"{size:.3e}.")

@@ -8,12 +8,17 @@ A ``TrainingMethod`` is the part of a training run that differs between methods;
                                           state_dict(), load_state_dict() (``OptimizerStep`` or
                                           ``fastcnf.toflow.CoordinateDescent``)
     loss(model, batch)                 -> (scalar loss tensor, {metric name: float})
+    sampler(dataset, config)           -> the batch sampler (default ``dataset.sampler``)
+    finished(optimization)             -> True when the method's own schedule is complete (the
+                                          trainer then stops before ``config.iterations``)
+    progress(row)                      -> the progress bar's fields for a metrics row
 
 Registered methods: ffjord (plain maximum likelihood), rnode (kinetic-energy and Jacobian
 regularizers), tpr (trajectory polynomial regularization), toflow (trainable end time per block,
 weights and T updated by coordinate descent). Regularizer weights given explicitly in the config
 combine with any method (e.g. toflow with ``tpr_weight=5``). Block-wise methods such as
-JKO-iFlow register here too: their optimization object decides per iteration which block trains.
+JKO-iFlow (``jko``, in ``fastcnf.jko_training``) register here too: their optimization object
+decides per iteration which block trains.
 """
 
 import torch
@@ -21,6 +26,7 @@ import torch
 from .cnf import CNF, SequentialFlow, SolverSettings
 from .nets import ODEnet
 from .regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
+from .sharding import sharded_sampler
 from .toflow import CoordinateDescent, TerminalTime, terminal_times
 
 __all__ = ["TrainingMethod", "OptimizerStep", "TRAINING_METHODS", "register_training_method", "build_flow",
@@ -118,6 +124,19 @@ class TrainingMethod:
     def build_optimization(self, model, config):
         return OptimizerStep(torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay))
 
+    def sampler(self, dataset, config, shard=None):
+        """Training batches; ``shard`` (under torchrun) selects this process's rows of each global batch."""
+        if shard is not None:
+            return sharded_sampler(dataset, config.batch_size, config.seed, shard)
+        return dataset.sampler(config.batch_size, config.seed)
+
+    def finished(self, optimization):
+        return False
+
+    def progress(self, row):
+        return {"loss": f"{row['loss']:.3f}", "nll": f"{row['nll']:.3f}",
+                "nfe": row["nfe_forward"] + row["nfe_backward"], "T": f"{row['end_time']:.3g}"}
+
     def loss(self, model, batch):
         nll = -model.log_prob(batch).mean()
         regularization = model.regularization()
@@ -163,3 +182,6 @@ class TOFLOW(TrainingMethod):
         weight_optimizer = torch.optim.Adam(weights, lr=config.lr, weight_decay=config.weight_decay)
         time_optimizer = torch.optim.Adam([p for t in times for p in t.parameters()], lr=config.time_lr)
         return CoordinateDescent(weight_optimizer, time_optimizer, times, config.weight_steps, config.time_steps)
+
+
+from . import jko_training  # noqa: E402,F401  (registers "jko"; it builds on the classes above)

@@ -11,7 +11,7 @@ Counting costs one list check per evaluation when no tracker is active.
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["SolverStats", "track", "backward_phase"]
+__all__ = ["SolverStats", "track", "untracked", "backward_phase"]
 
 _ACTIVE = []
 _PHASE = ["forward"]
@@ -50,6 +50,17 @@ def track():
         yield stats
     finally:
         _ACTIVE.remove(stats)
+
+
+@contextmanager
+def untracked():
+    """Solves inside this block are not counted by the ``track()`` blocks around it."""
+    hidden = list(_ACTIVE)
+    _ACTIVE.clear()
+    try:
+        yield
+    finally:
+        _ACTIVE[:0] = hidden
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from .distributed import (SINGLE, BatchLoss, check_agreement, current_world, dat
                           reduce_metrics)
 from .methods import TRAINING_METHODS, OptimizerStep
 from .metrics import MetricsLog, write_summary
-from .sharding import shard_draws, sharded_sampler
+from .sharding import shard_draws
 from .stats import track
 
 __all__ = ["Trainer", "TrainingDiverged", "evaluate_nll", "load_run", "load_resume_point", "seed_everything",
@@ -163,8 +163,7 @@ class Trainer:
         self.method = TRAINING_METHODS[config.method]()
         self.model = self.method.build_model(config, self.dataset.dim).to(self.device)
         self.optimization = self.method.build_optimization(self.model, config)
-        self.sampler = (sharded_sampler(self.dataset, config.batch_size, config.seed, self.world.shard)
-                        if self.world.distributed else self.dataset.sampler(config.batch_size, config.seed))
+        self.sampler = self.method.sampler(self.dataset, config, self.world.shard if self.world.distributed else None)
         self.iteration, self.elapsed, self.validation_history = 0, 0.0, []
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.csv"))
         if checkpoint is not None:
@@ -181,7 +180,8 @@ class Trainer:
 
     def _prepare_new_run(self):
         if os.path.isfile(self.checkpoint_file):
-            raise ConfigError(f"{self.out!r} already holds a run; pass --resume to continue it or choose another --out.")
+            raise ConfigError(f"{self.out!r} already holds a run; pass --resume to continue it or choose another "
+                              "--out.")
         if not self.world.is_main:
             return
         os.makedirs(self.out, exist_ok=True)
@@ -273,14 +273,13 @@ class Trainer:
         bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.progress, unit="it",
                    dynamic_ncols=True, mininterval=0.5, desc=f"{config.method} {config.data}")
         try:
-            while self.iteration < config.iterations:
+            while self.iteration < config.iterations and not self.method.finished(self.optimization):
                 row = self.train_step()
                 if self.world.is_main:
                     self.metrics.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", nll=f"{row['nll']:.3f}",
-                                nfe=row["nfe_forward"] + row["nfe_backward"], T=f"{row['end_time']:.3g}")
+                bar.set_postfix(self.method.progress(row))
                 bar.update()
-                last = self.iteration == config.iterations
+                last = self.iteration == config.iterations or self.method.finished(self.optimization)
                 if self.iteration % config.val_every == 0 or last:
                     self.validation_history.append(self.validate())
                     if self.world.is_main:

@@ -112,6 +112,14 @@ class Dynamics:
         flat = self.layout.flatten(out)
         return -flat if self.reverse else flat
 
+    def call_shaped(self, t, y, perturb=Perturb.NONE):
+        """Like calling it, for a tensor state already in the user's shape; returns that shape too."""
+        out = self.func(self.user_time(t, perturb), y)
+        self.nfe += 1
+        if not self._checked:
+            self._check_output(out)
+        return -out if self.reverse else out
+
     def user_time(self, t, perturb=Perturb.NONE):
         """The 0-dim time tensor passed to the user's function."""
         if isinstance(t, torch.Tensor):

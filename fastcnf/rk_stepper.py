@@ -45,7 +45,7 @@ class ExplicitRKStepper:
         self.start_perturb = Perturb.NEXT if perturb_start else Perturb.NONE
         self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
         self.numel, self.dtype, self.device = numel, dtype, device
-        self.buffers = self.combiner = None
+        self.buffers = self.combiner = self._shape = None
         self.triton = _triton_combiner(tableau, dtype, device)
         self._sparse_rows = [[(j, w) for j, w in enumerate(row) if w != 0] for row in tableau.a]
         self._sparse_b = [(j, w) for j, w in enumerate(tableau.b) if w != 0]
@@ -60,6 +60,12 @@ class ExplicitRKStepper:
         if fused:
             self.combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
                                               self.dtype == torch.float64)
+            layout = getattr(self.dynamics, "layout", None)
+            if layout is not None and not layout.is_tuple and not layout.is_flat:
+                # stage inputs are made, and stages copied, in the user's shape: no view/reshape
+                # at the boundary of every evaluation
+                self._shape = layout.shapes[0]
+                self._shaped_rows = [[row.view(self._shape) for row in rows] for rows in self._rows]
 
     def first_stage(self, time, y0):
         return self.dynamics(time, y0, self.start_perturb)
@@ -82,6 +88,8 @@ class ExplicitRKStepper:
         time = time or _identity
         if self.buffers is None:
             return self._step_autograd(t0, y0, f0, dt, t1, time, keep_stages)
+        if self._shape is not None:
+            return self._step_shaped(t0, y0, f0, dt, t1, time, buffer)
         stages = self.buffers[buffer]
         rows = self._rows[buffer]
         rows[0].copy_(f0)
@@ -115,6 +123,28 @@ class ExplicitRKStepper:
         if not self.tableau.fsal:
             yi = self._combine_list(None, y0, stages, dt)
         return yi, torch.stack(stages) if keep_stages else None, stages[-1]
+
+    def _step_shaped(self, t0, y0, f0, dt, t1, time, buffer):
+        """The fused buffer path for a tensor state of any shape, working in that shape."""
+        c, combiner, call, n = self.c, self.combiner, self.dynamics.call_shaped, self.numel
+        stages = self.buffers[buffer]
+        rows = self._shaped_rows[buffer]
+        self._rows[buffer][0].copy_(f0)
+        y0_ptr, stages_ptr = y0.data_ptr(), stages.data_ptr()
+        yi = None
+        for i in range(1, len(c)):
+            yi = torch.empty(self._shape, dtype=self.dtype, device=self.device)
+            combiner.stage(i, yi.data_ptr(), y0_ptr, stages_ptr, n, n, dt)
+            if c[i] == 1:
+                rows[i].copy_(call(time(t1), yi, self.end_perturb))
+            else:
+                rows[i].copy_(call(time(t0 + c[i] * dt), yi))
+        if self.tableau.fsal:
+            y1 = yi.view(-1)
+        else:
+            y1 = torch.empty_like(y0)
+            combiner.solution(y1.data_ptr(), y0_ptr, stages_ptr, n, n, dt)
+        return y1, stages, self._rows[buffer][-1]
 
     def _combine_list(self, i, y0, stages, dt):
         """Stage input (or, for ``i=None``, the solution) from a list of stage tensors under autograd."""

@@ -31,7 +31,7 @@ class OptionalBuildExt(build_ext):
 ext_modules = []
 if Pybind11Extension is not None:
     ext_modules.append(
-        Pybind11Extension("fastcnf._C", ["csrc/bindings.cpp", "csrc/controller.cpp", "csrc/stage_combine.cpp"], cxx_std=17, extra_compile_args=["-O3"])
+        Pybind11Extension("fastcnf._C", ["csrc/bindings.cpp", "csrc/controller.cpp", "csrc/stage_combine.cpp"], cxx_std=17, extra_compile_args=["-O3", "-fopenmp-simd"])
     )
 
 setup(

@@ -17,35 +17,63 @@
 namespace fastcnf {
 namespace {
 
+constexpr int64_t kBlock = 1024;
+
+// error[0:count] += w * row[0:count], in double (separate function: restrict holds for the vectorizer)
+template <typename T>
+inline void accumulate(double* __restrict__ error, const T* __restrict__ row, double w, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) error[i] += w * static_cast<double>(row[i]);
+}
+
+// sum over a block of (error * dt / tol)^2, tol = atol + rtol * max(|y0|, |y1|). `poison` collects
+// y1 - y1, which is NaN exactly when y1 is NaN or Inf (std::max would hide a NaN in y1).
+template <typename T>
+inline void block_sum_squares(const double* __restrict__ error, const T* __restrict__ y0, const T* __restrict__ y1,
+                              int64_t count, double dt, double rtol, double atol, double& sum_sq, double& poison) {
+  double sum = 0.0, bad = 0.0;
+#pragma omp simd reduction(+ : sum, bad)
+  for (int64_t i = 0; i < count; ++i) {
+    const double a0 = std::abs(static_cast<double>(y0[i]));
+    const double a1 = std::abs(static_cast<double>(y1[i]));
+    const double scaled = error[i] * dt / (atol + rtol * (a0 < a1 ? a1 : a0));  // std::max: NaN in y0 stays
+    sum += scaled * scaled;
+    bad += a1 - a1;
+  }
+  sum_sq += sum;
+  poison += bad;
+}
+
 // max over non-skipped segments of sqrt(mean((dt * sum_j w_j k_j[n] / tol_n)^2)),
 // tol_n = atol + rtol * max(|y0_n|, |y1_n|). NaN if any counted term is not finite.
+// Works block by block: the error estimate of a block is formed row by row in a local buffer.
 template <typename T>
 double scaled_error_ratio_impl(const T* y0, const T* y1, const T* stages, int64_t stage_stride,
                                const std::vector<double>& weights, double dt, double rtol, double atol,
                                const SegmentNorm& norm) {
-  std::vector<int64_t> used;  // stages with a non-zero error weight
-  for (int64_t j = 0; j < static_cast<int64_t>(weights.size()); ++j) {
-    if (weights[j] != 0.0) used.push_back(j);
+  std::vector<const T*> rows;  // stages with a non-zero error weight
+  std::vector<double> used_weights;
+  for (size_t j = 0; j < weights.size(); ++j) {
+    if (weights[j] != 0.0) {
+      rows.push_back(stages + static_cast<int64_t>(j) * stage_stride);
+      used_weights.push_back(weights[j]);
+    }
   }
+  double error[kBlock];
   double result = 0.0;
   bool finite = true;
   int64_t start = 0;
   for (size_t s = 0; s < norm.ends.size(); ++s) {
     const int64_t end = norm.ends[s];
     if (!norm.skip[s] && end > start) {
-      double sum_sq = 0.0;
-      for (int64_t n = start; n < end; ++n) {
-        double err = 0.0;
-        for (int64_t j : used) err += weights[j] * static_cast<double>(stages[j * stage_stride + n]);
-        const double a0 = std::abs(static_cast<double>(y0[n]));
-        const double a1 = std::abs(static_cast<double>(y1[n]));
-        const double scaled = err * dt / (atol + rtol * std::max(a0, a1));
-        sum_sq += scaled * scaled;
-        // std::max hides a NaN in y1, so check the new state as well as the sum.
-        if (!std::isfinite(a1)) finite = false;
+      double sum_sq = 0.0, poison = 0.0;
+      for (int64_t block = start; block < end; block += kBlock) {
+        const int64_t count = std::min(kBlock, end - block);
+        std::fill(error, error + count, 0.0);
+        for (size_t u = 0; u < rows.size(); ++u) accumulate(error, rows[u] + block, used_weights[u], count);
+        block_sum_squares(error, y0 + block, y1 + block, count, dt, rtol, atol, sum_sq, poison);
       }
       const double rms = std::sqrt(sum_sq / static_cast<double>(end - start));
-      if (!std::isfinite(rms)) finite = false;
+      if (!std::isfinite(rms) || !std::isfinite(poison)) finite = false;
       result = std::max(result, rms);
     }
     start = end;

@@ -15,26 +15,28 @@ namespace {
 
 constexpr int64_t kBlock = 2048;
 
+// out[start:end] += w * row[start:end]: a separate function so that the restrict qualifiers hold
+// for the vectorizer (inside one loop nest it must assume the weights may alias the output).
 template <typename T>
-void combine_impl(const std::vector<double>& weights, T* __restrict__ out, const T* __restrict__ y0,
-                  const T* __restrict__ stages, int64_t stage_stride,
+inline void scaled_add(T* __restrict__ out, const T* __restrict__ row, T w, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] += w * row[i];
+}
+
+template <typename T>
+void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const T* stages, int64_t stage_stride,
                   int64_t n, double dt) {
   std::vector<T> scaled;
-  std::vector<int64_t> used;
-  for (int64_t j = 0; j < static_cast<int64_t>(weights.size()); ++j) {
+  std::vector<const T*> rows;
+  for (size_t j = 0; j < weights.size(); ++j) {
     if (weights[j] != 0.0) {
-      used.push_back(j);
+      rows.push_back(stages + static_cast<int64_t>(j) * stage_stride);
       scaled.push_back(static_cast<T>(weights[j] * dt));
     }
   }
   for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    for (int64_t i = start; i < end; ++i) out[i] = y0[i];
-    for (size_t u = 0; u < used.size(); ++u) {
-      const T w = scaled[u];
-      const T* row = stages + used[u] * stage_stride;
-      for (int64_t i = start; i < end; ++i) out[i] += w * row[i];
-    }
+    const int64_t count = std::min(n, start + kBlock) - start;
+    std::copy(y0 + start, y0 + start + count, out + start);
+    for (size_t u = 0; u < rows.size(); ++u) scaled_add(out + start, rows[u] + start, scaled[u], count);
   }
 }
 

@@ -38,5 +38,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::vector<std::vector<double>>, std::vector<double>, bool>(), py::arg("rows"),
            py::arg("solution"), py::arg("is_double"))
       .def("stage", &fastcnf::StageCombiner::stage)
-      .def("solution", &fastcnf::StageCombiner::solution);
+      .def("solution", &fastcnf::StageCombiner::solution)
+      .def("stage_from", &fastcnf::StageCombiner::stage_from)
+      .def("solution_from", &fastcnf::StageCombiner::solution_from);
 }

@@ -22,22 +22,38 @@ inline void scaled_add(T* __restrict__ out, const T* __restrict__ row, T w, int6
   for (int64_t i = 0; i < count; ++i) out[i] += w * row[i];
 }
 
+// out = y0 + dt * sum_j weights[j] * rows[j] over the non-zero weights, block by block.
 template <typename T>
-void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const T* stages, int64_t stage_stride,
+void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const std::vector<const T*>& rows,
                   int64_t n, double dt) {
   std::vector<T> scaled;
-  std::vector<const T*> rows;
+  std::vector<const T*> used;
   for (size_t j = 0; j < weights.size(); ++j) {
     if (weights[j] != 0.0) {
-      rows.push_back(stages + static_cast<int64_t>(j) * stage_stride);
+      used.push_back(rows.at(j));
       scaled.push_back(static_cast<T>(weights[j] * dt));
     }
   }
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t count = std::min(n, start + kBlock) - start;
     std::copy(y0 + start, y0 + start + count, out + start);
-    for (size_t u = 0; u < rows.size(); ++u) scaled_add(out + start, rows[u] + start, scaled[u], count);
+    for (size_t u = 0; u < used.size(); ++u) scaled_add(out + start, used[u] + start, scaled[u], count);
   }
+}
+
+template <typename T>
+void combine_typed(const std::vector<double>& weights, uintptr_t out, uintptr_t y0,
+                   const std::vector<uintptr_t>& rows, int64_t n, double dt) {
+  std::vector<const T*> typed;
+  for (uintptr_t row : rows) typed.push_back(reinterpret_cast<const T*>(row));
+  combine_impl(weights, reinterpret_cast<T*>(out), reinterpret_cast<const T*>(y0), typed, n, dt);
+}
+
+std::vector<uintptr_t> strided_rows(uintptr_t stages, int64_t stage_stride, size_t count, bool is_double) {
+  const int64_t bytes = stage_stride * static_cast<int64_t>(is_double ? sizeof(double) : sizeof(float));
+  std::vector<uintptr_t> rows;
+  for (size_t j = 0; j < count; ++j) rows.push_back(stages + static_cast<uintptr_t>(j * bytes));
+  return rows;
 }
 
 }  // namespace
@@ -45,26 +61,40 @@ void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const
 StageCombiner::StageCombiner(std::vector<std::vector<double>> rows, std::vector<double> solution, bool is_double)
     : rows_(std::move(rows)), solution_(std::move(solution)), is_double_(is_double) {}
 
-void StageCombiner::combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0, uintptr_t stages,
-                            int64_t stage_stride, int64_t n, double dt) const {
+void StageCombiner::combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0,
+                            const std::vector<uintptr_t>& rows, int64_t n, double dt) const {
+  if (rows.size() < weights.size()) throw std::invalid_argument("fewer stage pointers than weights");
   if (is_double_) {
-    combine_impl(weights, reinterpret_cast<double*>(out), reinterpret_cast<const double*>(y0),
-                 reinterpret_cast<const double*>(stages), stage_stride, n, dt);
+    combine_typed<double>(weights, out, y0, rows, n, dt);
   } else {
-    combine_impl(weights, reinterpret_cast<float*>(out), reinterpret_cast<const float*>(y0),
-                 reinterpret_cast<const float*>(stages), stage_stride, n, dt);
+    combine_typed<float>(weights, out, y0, rows, n, dt);
   }
+}
+
+const std::vector<double>& StageCombiner::row(int64_t index) const {
+  if (index < 0 || index >= static_cast<int64_t>(rows_.size())) throw std::out_of_range("stage index");
+  return rows_[index];
 }
 
 void StageCombiner::stage(int64_t index, uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride,
                           int64_t n, double dt) const {
-  if (index < 0 || index >= static_cast<int64_t>(rows_.size())) throw std::out_of_range("stage index");
-  combine(rows_[index], out, y0, stages, stage_stride, n, dt);
+  const auto& weights = row(index);
+  combine(weights, out, y0, strided_rows(stages, stage_stride, weights.size(), is_double_), n, dt);
 }
 
 void StageCombiner::solution(uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n,
                              double dt) const {
-  combine(solution_, out, y0, stages, stage_stride, n, dt);
+  combine(solution_, out, y0, strided_rows(stages, stage_stride, solution_.size(), is_double_), n, dt);
+}
+
+void StageCombiner::stage_from(int64_t index, uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages,
+                               int64_t n, double dt) const {
+  combine(row(index), out, y0, stages, n, dt);
+}
+
+void StageCombiner::solution_from(uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages, int64_t n,
+                                  double dt) const {
+  combine(solution_, out, y0, stages, n, dt);
 }
 
 }  // namespace fastcnf

@@ -14,10 +14,15 @@ class StageCombiner {
   void stage(int64_t index, uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n,
              double dt) const;
   void solution(uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n, double dt) const;
+  // The same with the stages as separate buffers (one pointer per stage, at least up to the last used one).
+  void stage_from(int64_t index, uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages, int64_t n,
+                  double dt) const;
+  void solution_from(uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages, int64_t n, double dt) const;
 
  private:
-  void combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0, uintptr_t stages,
-               int64_t stage_stride, int64_t n, double dt) const;
+  const std::vector<double>& row(int64_t index) const;
+  void combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& rows,
+               int64_t n, double dt) const;
   std::vector<std::vector<double>> rows_;
   std::vector<double> solution_;
   bool is_double_;

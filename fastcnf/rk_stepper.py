@@ -45,7 +45,7 @@ class ExplicitRKStepper:
         self.start_perturb = Perturb.NEXT if perturb_start else Perturb.NONE
         self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
         self.numel, self.dtype, self.device = numel, dtype, device
-        self.buffers = self.combiner = self._shape = None
+        self.buffers = self.combiner = self.list_combiner = self._shape = None
         self.triton = _triton_combiner(tableau, dtype, device)
         self._sparse_rows = [[(j, w) for j, w in enumerate(row) if w != 0] for row in tableau.a]
         self._sparse_b = [(j, w) for j, w in enumerate(tableau.b) if w != 0]
@@ -55,8 +55,12 @@ class ExplicitRKStepper:
         stages = self.tableau.stages
         self.buffers = [torch.empty(stages, self.numel, dtype=self.dtype, device=self.device) for _ in range(2)]
         self._rows = [[buf[i] for i in range(stages)] for buf in self.buffers]
-        fused = (select_backend(self.device) == "cpp" and self.device.type == "cpu"
-                 and self.dtype in (torch.float32, torch.float64) and self.numel <= FUSED_MAX_NUMEL)
+        native = (select_backend(self.device) == "cpp" and self.device.type == "cpu"
+                  and self.dtype in (torch.float32, torch.float64))
+        fused = native and self.numel <= FUSED_MAX_NUMEL
+        if native:  # for callers that need no stage buffer (fixed grids), at every size
+            self.list_combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
+                                                   self.dtype == torch.float64)
         if fused:
             self.combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
                                               self.dtype == torch.float64)
@@ -88,6 +92,8 @@ class ExplicitRKStepper:
         time = time or _identity
         if self.buffers is None:
             return self._step_autograd(t0, y0, f0, dt, t1, time, keep_stages)
+        if not keep_stages and self.list_combiner is not None:
+            return self._step_separate(t0, y0, f0, dt, t1, time)
         if self._shape is not None:
             return self._step_shaped(t0, y0, f0, dt, t1, time, buffer)
         stages = self.buffers[buffer]
@@ -123,6 +129,40 @@ class ExplicitRKStepper:
         if not self.tableau.fsal:
             yi = self._combine_list(None, y0, stages, dt)
         return yi, torch.stack(stages) if keep_stages else None, stages[-1]
+
+    def _step_separate(self, t0, y0, f0, dt, t1, time):
+        """No stage buffer (the caller needs no K): stages stay the tensors the dynamics returned and
+        the C++ combiner reads them through their pointers, so nothing is copied."""
+        c, combiner, n = self.c, self.list_combiner, self.numel
+        layout = self.dynamics.layout
+        shaped = not layout.is_tuple and not layout.is_flat
+        shape = layout.shapes[0] if shaped else (n,)
+        call = self.dynamics.call_shaped if shaped else self.dynamics
+        stages = [self._stage_tensor(f0)]
+        pointers = [stages[0].data_ptr()]
+        y0_ptr = y0.data_ptr()
+        yi = None
+        for i in range(1, len(c)):
+            yi = torch.empty(shape, dtype=self.dtype, device=self.device)
+            combiner.stage_from(i, yi.data_ptr(), y0_ptr, pointers, n, dt)
+            if c[i] == 1:
+                stage = call(time(t1), yi, self.end_perturb)
+            else:
+                stage = call(time(t0 + c[i] * dt), yi)
+            stages.append(self._stage_tensor(stage))
+            pointers.append(stages[-1].data_ptr())
+        if self.tableau.fsal:
+            y1 = yi.reshape(-1)
+        else:
+            y1 = torch.empty_like(y0)
+            combiner.solution_from(y1.data_ptr(), y0_ptr, pointers, n, dt)
+        return y1, None, stages[-1].reshape(-1)
+
+    def _stage_tensor(self, value):
+        """A stage as a contiguous tensor of the state dtype (what the combiner reads)."""
+        if value.dtype != self.dtype or not value.is_contiguous():
+            value = value.to(self.dtype).contiguous()
+        return value
 
     def _step_shaped(self, t0, y0, f0, dt, t1, time, buffer):
         """The fused buffer path for a tensor state of any shape, working in that shape."""

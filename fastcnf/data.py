@@ -153,12 +153,16 @@ class EpochSampler:
         self.rng = np.random.default_rng(seed)
         self.order, self.position = self.rng.permutation(len(array)), 0
 
-    def next(self):
+    def next_rows(self):
+        """Row indices (numpy) of the next batch; the order is reshuffled at every new epoch."""
         if self.position + self.batch_size > len(self.order):
             self.order, self.position = self.rng.permutation(len(self.array)), 0
         rows = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        batch = self.array[rows]
+        return rows
+
+    def next(self):
+        batch = self.array[self.next_rows()]
         if self.transform is not None:
             batch = self.transform(batch, self.rng)
         return torch.from_numpy(np.ascontiguousarray(batch)).float()

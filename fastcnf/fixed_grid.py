@@ -178,10 +178,6 @@ class FixedGridRungeKutta(FixedGridSolver):
 
 
 def _as_float(value):
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def _as_float(value):
     """A float or a 0-dim tensor (possibly requiring grad) as a float."""
     return value.item() if isinstance(value, torch.Tensor) else value
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .data import ArrayDataset, DataError, ToyDataset, toy_sample
+from .data import ArrayDataset, DataError, EpochSampler, ToyDataset, toy_sample
 from .jko import movement
 
 __all__ = ["training_pool", "IndexSampler", "PushForwardCache", "POOL_STREAM"]
@@ -36,30 +36,16 @@ def training_pool(dataset, size, seed):
     return torch.from_numpy(np.ascontiguousarray(points)).float()
 
 
-class IndexSampler:
+class IndexSampler(EpochSampler):
     """Endless batches of row indices (int64) into a pool of ``size`` rows, reshuffled every epoch."""
 
     def __init__(self, size, batch_size, seed):
         if batch_size > size:
             raise DataError(f"batch size {batch_size} exceeds the {size} training points of the pool.")
-        self.size, self.batch_size = size, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order, self.position = self.rng.permutation(size), 0
+        super().__init__(np.arange(size), batch_size, seed)
 
     def next(self):
-        if self.position + self.batch_size > self.size:
-            self.order, self.position = self.rng.permutation(self.size), 0
-        rows = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return torch.from_numpy(rows.astype(np.int64))
-
-    def state_dict(self):
-        return {"rng": self.rng.bit_generator.state, "order": torch.from_numpy(self.order.copy()),
-                "position": self.position}
-
-    def load_state_dict(self, state):
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.position = state["order"].numpy().copy(), int(state["position"])
+        return torch.from_numpy(self.next_rows().astype(np.int64))
 
 
 @contextmanager

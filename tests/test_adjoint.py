@@ -28,7 +28,6 @@ def _grads(library, func, y0, t, loss_fn, **kwargs):
         p.grad = None
     with fastcnf.track() as stats:
         out = library.odeint_adjoint(func, y0, t, **kwargs)
-        forward_nfe = stats.nfe_forward
         loss_fn(out).backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
     return out.detach(), grads, stats

@@ -4,10 +4,8 @@ resumption mid-stack (also after SIGKILL), eval/sample of a run, clear errors fo
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +15,8 @@ from fastcnf.checkpoint import load_checkpoint
 from fastcnf.cli import main
 from fastcnf.config import TrainConfig
 from fastcnf.train import Trainer
+
+from cli_runs import kill_after_first_checkpoint_and_resume
 
 SCHEDULE = dict(method="jko", hidden=(16, 16), batch_size=64, lr=1e-2, jko_block_iterations=6, jko_max_blocks=3,
                 jko_tolerance=0.0, jko_reparameterize=True, jko_refine=True, jko_finetune_iterations=4, jko_pool=1000,
@@ -78,21 +78,8 @@ def _cli(out, *extra):
 
 def test_sigkill_mid_stack_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    reference = _cli(full)
-    victim = _cli(killed)
-    checkpoint = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(checkpoint) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    stopped_at = load_checkpoint(killed)["iteration"]
+    stopped_at = kill_after_first_checkpoint_and_resume(_cli, full, killed)
     assert 25 <= stopped_at < 270
-    resumed = subprocess.run([sys.executable, "-m", "fastcnf", "train", "--out", killed, "--resume", "--no-progress"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
     assert len(_rows(full)) == 3 * 60 + 3 * 30
     assert _rows(killed) == _rows(full)
     assert load_checkpoint(killed)["optimization"] == load_checkpoint(full)["optimization"]

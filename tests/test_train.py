@@ -3,10 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ import torch
 from fastcnf.checkpoint import load_checkpoint
 from fastcnf.config import ConfigError, TrainConfig
 from fastcnf.train import Trainer, TrainingDiverged
+
+from cli_runs import kill_after_first_checkpoint_and_resume
 
 TINY = dict(hidden=(16, 16), batch_size=64, rtol=1e-3, atol=1e-3, lr=1e-2, val_size=500, plot=False)
 COMPARED = ("iteration", "phase", "loss", "nll", "end_time", "nfe_forward", "nfe_backward")
@@ -60,21 +60,8 @@ def _cli(out, *extra):
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    reference = _cli(full)
-    victim = _cli(killed)
-    checkpoint = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(checkpoint) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    stopped_at = load_checkpoint(killed)["iteration"]
+    stopped_at = kill_after_first_checkpoint_and_resume(_cli, full, killed)
     assert 10 <= stopped_at < 40
-    resumed = subprocess.run([sys.executable, "-m", "fastcnf", "train", "--out", killed, "--resume", "--no-progress"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
     assert _rows(killed) == _rows(full)
     assert len(_rows(full)) == 40
 

@@ -1,0 +1,34 @@
+"""Shared test helper: kill a CLI training run after its first checkpoint and resume it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from fastcnf.checkpoint import load_checkpoint
+
+__all__ = ["kill_after_first_checkpoint_and_resume"]
+
+
+def kill_after_first_checkpoint_and_resume(start, full, killed):
+    """Run ``start(full)`` to the end and ``start(killed)`` until its first checkpoint, SIGKILL the
+    latter, resume it with ``python -m fastcnf train --resume``; returns the iteration it was killed at.
+
+    ``start(out)`` launches a training subprocess (``subprocess.Popen``) writing to ``out``.
+    """
+    reference = start(full)
+    victim = start(killed)
+    checkpoint = os.path.join(killed, "checkpoint.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(checkpoint) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stopped_at = load_checkpoint(killed)["iteration"]
+    resumed = subprocess.run([sys.executable, "-m", "fastcnf", "train", "--out", killed, "--resume", "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    return stopped_at

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .data import DATASET_NAMES, TOY_DATASETS
 from .divergence import ESTIMATORS
+from .jko_training import JKOSettings
 from .methods import TRAINING_METHODS
 from .nets import ACTIVATIONS, LAYERS
 from .solvers import METHODS as SOLVERS
@@ -59,14 +60,14 @@ class TrainConfig:
     t_max: float = 5.0
     weight_steps: int = 3
     time_steps: int = 1
-    jko_h0: float = 1.0
-    jko_rho: float = 1.2
-    jko_block_iterations: int = 250
-    jko_max_blocks: int = 4
-    jko_tolerance: float = 0.05
-    jko_finetune_iterations: int = 100
-    jko_reparameterize: bool = False
-    jko_refine: bool = False
+    jko_h0: float = JKOSettings.h0
+    jko_rho: float = JKOSettings.rho
+    jko_block_iterations: int = JKOSettings.block_iterations
+    jko_max_blocks: int = JKOSettings.max_blocks
+    jko_tolerance: float = JKOSettings.tolerance
+    jko_finetune_iterations: int = JKOSettings.finetune_iterations
+    jko_reparameterize: bool = JKOSettings.reparameterize
+    jko_refine: bool = JKOSettings.refine
     jko_solver: str = "rk4"
     jko_steps: int = 4
     jko_pool: int = 20000

@@ -33,6 +33,16 @@ from .toflow import TerminalTime
 __all__ = ["SolverSettings", "CNFDynamics", "CNF", "SequentialFlow", "Flow", "standard_normal_log_prob"]
 
 
+def _network_parameter(module):
+    """A parameter of the networks in ``module`` (terminal times are float64 and do not count)."""
+    for child in module.modules():
+        if isinstance(child, TerminalTime):
+            continue
+        for param in child.parameters(recurse=False):
+            return param
+    return None
+
+
 def standard_normal_log_prob(z):
     """log N(z; 0, I) summed over the event dimensions of z (B, *event) -> (B,)."""
     flat = z.reshape(z.shape[0], -1)
@@ -118,7 +128,7 @@ class Flow(nn.Module):
         if shape is None:
             raise ValueError("sample() needs event_shape: pass it, or build the flow with event_shape=... "
                              "(fastcnf.nets.ODEnet sets it).")
-        param = next(self.parameters(), None)
+        param = _network_parameter(self)
         dtype = param.dtype if param is not None else torch.get_default_dtype()
         device = param.device if param is not None else None
         z = torch.randn((num_samples,) + shape, generator=generator, dtype=dtype, device=device)

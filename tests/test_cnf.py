@@ -180,3 +180,13 @@ def test_bad_solver_settings_are_rejected():
         SolverSettings("rk45")
     with pytest.raises(ValueError, match="rtol must be a positive number"):
         SolverSettings(rtol=0.0)
+
+
+def test_sampling_with_a_terminal_time_uses_the_network_dtype():
+    """The float64 TerminalTime parameter must not decide the dtype of the samples."""
+    from fastcnf.toflow import TerminalTime
+
+    torch.manual_seed(0)
+    flow = CNF(ODEnet(2, (8,), "concatsquash", "tanh"), end_time=TerminalTime(init=0.5), divergence="exact")
+    samples = flow.eval().sample(5)
+    assert samples.dtype == torch.float32 and samples.shape == (5, 2) and bool(torch.isfinite(samples).all())

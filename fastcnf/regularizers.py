@@ -36,33 +36,34 @@ def _per_sample_sum(values):
     return values.reshape(values.shape[0], -1).sum(dim=1)
 
 
-class KineticEnergy:
-    """RNODE kinetic energy: the integral of |f|^2 per sample, averaged over the batch."""
+class _StateRegularizer:
+    """A regularizer integrated as an extra augmented state; subclasses define ``rate``."""
 
-    name = "kinetic_energy"
     is_state = True
     needs_frobenius = False
 
     def __init__(self, weight=0.01):
         self.weight = _check_weight(weight)
 
+    def __repr__(self):
+        return f"{type(self).__name__}(weight={self.weight})"
+
+
+class KineticEnergy(_StateRegularizer):
+    """RNODE kinetic energy: the integral of |f|^2 per sample, averaged over the batch."""
+
+    name = "kinetic_energy"
+
     def rate(self, estimate):
         """d/dt of the state: |f(t, z)|^2 per sample, (B,)."""
         return _per_sample_sum(estimate.f.pow(2))
 
-    def __repr__(self):
-        return f"KineticEnergy(weight={self.weight})"
 
-
-class JacobianFrobenius:
+class JacobianFrobenius(_StateRegularizer):
     """RNODE Jacobian regularizer: the integral of the divergence estimator's |df/dz|_F^2 estimate."""
 
     name = "jacobian_frobenius"
-    is_state = True
     needs_frobenius = True
-
-    def __init__(self, weight=0.01):
-        self.weight = _check_weight(weight)
 
     def rate(self, estimate):
         """d/dt of the state: the squared Frobenius estimate per sample, (B,)."""

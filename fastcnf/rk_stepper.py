@@ -10,6 +10,9 @@ How that combination is formed depends on the situation:
   extension's fused combiner (one call, one pass, no intermediate tensors);
 * outside autograd otherwise: in-place ``add_`` over the non-zero weights, which torch spreads
   over all CPU threads (for large states this beats a tall-skinny ``addmv``);
+* outside autograd for callers that need no ``K`` (fixed grids), on CPU with the extension, at
+  every size: the stages stay the tensors the dynamics returned and the combiner reads them in
+  place through their pointers (no copies into a buffer);
 * with the Triton backend (CUDA tensors by default): one launch of the fused stage kernel of
   ``fastcnf.kernels.rk_stage`` per combination (under autograd on the stacked stages, through the
   kernel's autograd.Function).
@@ -57,13 +60,11 @@ class ExplicitRKStepper:
         self._rows = [[buf[i] for i in range(stages)] for buf in self.buffers]
         native = (select_backend(self.device) == "cpp" and self.device.type == "cpu"
                   and self.dtype in (torch.float32, torch.float64))
-        fused = native and self.numel <= FUSED_MAX_NUMEL
-        if native:  # for callers that need no stage buffer (fixed grids), at every size
+        if native:  # used at every size by callers that need no stage buffer (fixed grids)
             self.list_combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
                                                    self.dtype == torch.float64)
-        if fused:
-            self.combiner = ext.StageCombiner([list(row) for row in self.tableau.a], list(self.tableau.b),
-                                              self.dtype == torch.float64)
+        if native and self.numel <= FUSED_MAX_NUMEL:  # the buffer path uses it for small states only
+            self.combiner = self.list_combiner
             layout = getattr(self.dynamics, "layout", None)
             if layout is not None and not layout.is_tuple and not layout.is_flat:
                 # stage inputs are made, and stages copied, in the user's shape: no view/reshape

@@ -15,7 +15,7 @@ import torch
 from .errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError
 from .interp import cubic_hermite_interp, linear_interp
 from .rk_stepper import ExplicitRKStepper
-from .stats import record_nfe, record_solve, record_steps
+from .stats import record_solve
 
 __all__ = ["FixedGridSolver", "FixedGridRungeKutta", "uniform_grid"]
 
@@ -150,11 +150,8 @@ class FixedGridSolver:
         return cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t)
 
     def _report(self):
-        record_nfe(self.dynamics.nfe)
-        self.dynamics.nfe = 0
-        record_steps(self.steps, 0)
+        record_solve(self.dynamics, self.steps)
         self.steps = 0
-        record_solve()
 
 
 class FixedGridRungeKutta(FixedGridSolver):

@@ -23,7 +23,7 @@ from .initial_step import initial_step_size
 from .interp import quartic_eval
 from .rk_stepper import ExplicitRKStepper
 from .norms import SegmentNorm
-from .stats import record_nfe, record_solve, record_steps
+from .stats import record_solve
 
 __all__ = ["AdaptiveRungeKutta", "MAX_NONFINITE_TRIALS", "MAX_EVENT_STEPS"]
 
@@ -328,10 +328,7 @@ class AdaptiveRungeKutta:
         return event_t, self._dense(step, event_t if self.time_anchor is not None else event_t.item())
 
     def _report(self):
-        record_nfe(self.dynamics.nfe)
-        self.dynamics.nfe = 0
-        record_steps(self.accepted, self.rejected)
-        record_solve()
+        record_solve(self.dynamics, self.accepted, self.rejected)
 
 
 class _FusedController:

@@ -5,7 +5,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from .errors import FastCNFError
-from .stats import record_nfe, record_solve
+from .stats import record_solve
 
 __all__ = ["ScipySolver"]
 
@@ -43,9 +43,7 @@ class ScipySolver:
                                y0=self.y0.detach().cpu().numpy(), t_eval=times, method=self.solver,
                                rtol=self.rtol, atol=self.atol, max_step=self.max_step, **extra)
         finally:
-            record_nfe(self.dynamics.nfe)
-            self.dynamics.nfe = 0
-            record_solve()
+            record_solve(self.dynamics)
         if not result.success:
             raise FastCNFError(f"scipy_solver ({self.solver}) failed: {result.message}")
         return torch.as_tensor(result.y.T.copy()).to(self.y0.device, self.y0.dtype)

@@ -73,21 +73,17 @@ def backward_phase():
         _PHASE.pop()
 
 
-def record_nfe(count):
-    if _PHASE[-1] == "backward":
-        for stats in _ACTIVE:
-            stats.nfe_backward += count
-    else:
-        for stats in _ACTIVE:
-            stats.nfe_forward += count
-
-
-def record_steps(accepted, rejected):
+def record_solve(dynamics, accepted=0, rejected=0):
+    """Add one finished solve to every active tracker: the evaluations counted on ``dynamics``
+    (then reset) and the accepted/rejected steps. Evaluations inside ``backward_phase()`` count
+    as backward."""
+    count, dynamics.nfe = dynamics.nfe, 0
+    backward = _PHASE[-1] == "backward"
     for stats in _ACTIVE:
+        if backward:
+            stats.nfe_backward += count
+        else:
+            stats.nfe_forward += count
         stats.steps_accepted += accepted
         stats.steps_rejected += rejected
-
-
-def record_solve():
-    for stats in _ACTIVE:
         stats.solves += 1

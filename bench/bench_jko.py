@@ -1,6 +1,6 @@
 """JKO-iFlow against an end-to-end FFJORD-style CNF at an equal training-time budget.
 
-For each dataset both methods train with the ``fastcnf.train.Trainer`` (one CPU thread, same
+For each dataset both methods train with the ``fastcnf.training.trainer.Trainer`` (one CPU thread, same
 batch size and seed) for ``BUDGET`` seconds of training-step time (validation excluded); the
 validation NLL is recorded at fixed fractions of the budget (NLL vs wall time) and the test NLL
 at the end. JKO-iFlow may finish its schedule before the budget; its curve then ends early.
@@ -22,8 +22,8 @@ import os
 import pytest
 import torch
 
-from fastcnf.config import TrainConfig
-from fastcnf.train import Trainer
+from fastcnf.training.config import TrainConfig
+from fastcnf.training.trainer import Trainer
 
 from .measure import memory_method, peak_memory_bytes
 
@@ -78,7 +78,7 @@ def _step_memory(trainer):
     batch = copy.deepcopy(trainer.sampler).next().to(trainer.device)
 
     def step():
-        loss, _ = trainer.method.loss(trainer.model, batch)
+        loss, _ = trainer.training_method.loss(trainer.model, batch)
         loss.backward()
 
     with torch.random.fork_rng():
@@ -102,11 +102,11 @@ def _train_for(config, budget):
     marks = [fraction * budget for fraction in MARKS]
     curve = [{"seconds": 0.0, "iteration": 0, "val_nll": trainer.validate()["nll"]}]
     memory = {}
-    while marks and not trainer.method.finished(trainer.optimization):
+    while marks and not trainer.training_method.finished(trainer.optimization):
         trainer.train_step()
         if _memory_due(trainer):
             memory[getattr(trainer.optimization, "block", 0) + 1] = _step_memory(trainer)
-        if trainer.elapsed >= marks[0] or trainer.method.finished(trainer.optimization):
+        if trainer.elapsed >= marks[0] or trainer.training_method.finished(trainer.optimization):
             while marks and trainer.elapsed >= marks[0]:
                 marks.pop(0)
             curve.append({"seconds": trainer.elapsed, "iteration": trainer.iteration,

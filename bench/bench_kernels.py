@@ -11,7 +11,7 @@ one untimed call first compiles the kernels.
   weights): ``StageCombiner.stage`` vs ``torch.addmv`` (the autograd path) and the in-place adds
   (the no-grad CPU path).
 * ``ratio-*``: the scaled error ratio with its host sync: ``ErrorRatio.value`` vs
-  ``fastcnf.controller.scaled_error_ratio``.
+  ``fastcnf.ode.control.reference.scaled_error_ratio``.
 * ``hutchinson-*``: f and eps^T (df/dz) eps of a CNF MLP (2 -> 64x3 -> 2 and 2 -> 128x3 -> 2,
   softplus, time on every layer), forward and forward+backward: the fused kernel vs
   ``torch.func.jvp`` and vs the autograd vector-Jacobian-product estimator CNF code uses.
@@ -22,11 +22,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastcnf import tableaus  # noqa: E402
-from fastcnf.controller import scaled_error_ratio  # noqa: E402
 from fastcnf.kernels import hutchinson, rk_stage  # noqa: E402
-from fastcnf.mlp_spec import MLPSpec, mlp_forward  # noqa: E402
-from fastcnf.norms import SegmentNorm  # noqa: E402
+
+from fastcnf.cnf.mlp_spec import MLPSpec, mlp_forward  # noqa: E402
+from fastcnf.ode.control.reference import scaled_error_ratio  # noqa: E402
+from fastcnf.ode.explicit import tableaus  # noqa: E402
+from fastcnf.ode.norms import SegmentNorm  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel benchmarks need a CUDA device")
 

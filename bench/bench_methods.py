@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import fastcnf
-from fastcnf.config import TrainConfig
-from fastcnf.train import Trainer
+from fastcnf.training.config import TrainConfig
+from fastcnf.training.trainer import Trainer
 
 METHODS = ("ffjord", "rnode", "tpr", "toflow")
 ITERATIONS = int(os.environ.get("FASTCNF_BENCH_ITERATIONS", "500"))

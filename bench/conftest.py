@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastcnf
-from fastcnf.backend import HAS_EXT, HAS_TRITON, select_backend
+from fastcnf.ode.backend import HAS_EXT, HAS_TRITON, select_backend
 
 from .libraries import LIBRARIES, library_version
 

@@ -12,10 +12,10 @@ backward pass) and the steps a solver reports through torchdiffeq's step callbac
 import importlib.util
 
 import torch
+import torchdiffeq
 from torch import nn
 
 import fastcnf
-import torchdiffeq
 
 __all__ = ["LIBRARIES", "UnsupportedCase", "make_solve", "CountingFunc", "AdaptiveCountingFunc",
            "library_version", "HAS_TORCHODE"]

@@ -1,5 +1,6 @@
 // Python bindings of the fastcnf C++ extension (module fastcnf._C): the step-size controller
-// (twin of fastcnf/controller.py) and the fused stage combination used by the CPU solver.
+// (twin of fastcnf/ode/control/reference.py) and the fused stage combination used by the CPU
+// solver. Only fastcnf/ode/native.py calls them, after checking every tensor it passes.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,8 +12,13 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcnf C++ step-size controller and fused Runge-Kutta stage combination";
-  m.attr("STATUS_OK") = fastcnf::STATUS_OK;
-  m.attr("STATUS_NONFINITE") = fastcnf::STATUS_NONFINITE;
+  py::dict status;
+  status["OK"] = static_cast<int>(fastcnf::STATUS_OK);
+  status["NONFINITE"] = static_cast<int>(fastcnf::STATUS_NONFINITE);
+  status["FAILED_NONFINITE"] = static_cast<int>(fastcnf::STATUS_FAILED_NONFINITE);
+  status["FAILED_UNDERFLOW"] = static_cast<int>(fastcnf::STATUS_FAILED_UNDERFLOW);
+  status["FAILED_MAX_STEPS"] = static_cast<int>(fastcnf::STATUS_FAILED_MAX_STEPS);
+  m.attr("STATUS") = status;
   m.def(
       "scaled_error_ratio",
       [](uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t stage_stride, bool is_double,
@@ -34,11 +40,11 @@ PYBIND11_MODULE(_C, m) {
            py::arg("min_step"), py::arg("max_step"), py::arg("is_double"))
       .def("error_ratio", &fastcnf::StepController::error_ratio)
       .def("step", &fastcnf::StepController::step);
-  py::class_<fastcnf::StageCombiner>(m, "StageCombiner")
+  py::class_<fastcnf::CpuStageCombiner>(m, "CpuStageCombiner")
       .def(py::init<std::vector<std::vector<double>>, std::vector<double>, bool>(), py::arg("rows"),
            py::arg("solution"), py::arg("is_double"))
-      .def("stage", &fastcnf::StageCombiner::stage)
-      .def("solution", &fastcnf::StageCombiner::solution)
-      .def("stage_from", &fastcnf::StageCombiner::stage_from)
-      .def("solution_from", &fastcnf::StageCombiner::solution_from);
+      .def("stage", &fastcnf::CpuStageCombiner::stage)
+      .def("solution", &fastcnf::CpuStageCombiner::solution)
+      .def("stage_from", &fastcnf::CpuStageCombiner::stage_from)
+      .def("solution_from", &fastcnf::CpuStageCombiner::solution_from);
 }

@@ -1,11 +1,11 @@
-// C++ twin of fastcnf/controller.py: scaled error ratio fused with the Runge-Kutta error
+// C++ twin of fastcnf/ode/control/reference.py: scaled error ratio fused with the Runge-Kutta error
 // estimate, and the accept/reject + next-step-size rule. Function for function the same math
 // as the Python reference; tests/test_controller.py checks that both agree.
 //
 // Tensors cross the boundary as raw data pointers (Python ints from Tensor.data_ptr()), so the
-// extension needs only pybind11 at build time and no torch headers. The caller guarantees
-// contiguous CPU storage of the stated dtype: y0, y1 of N elements, stages of S rows with a
-// row stride of `stage_stride` elements.
+// extension needs only pybind11 at build time and no torch headers. fastcnf/ode/native.py is the
+// only caller: it checks dtype, device, contiguity and size of every tensor before its pointer
+// crosses (y0, y1 of N elements, stages of S rows with a row stride of `stage_stride` elements).
 
 #include "controller.h"
 
@@ -97,11 +97,12 @@ double scaled_error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t 
                                  reinterpret_cast<const float*>(stages), stage_stride, weights, dt, rtol, atol, norm);
 }
 
-// Same rule as controller.propose_step: returns (accept, dt_next, status).
+// Same rule as reference.propose_step: returns (accept, dt_next, status).
 std::tuple<bool, double, int> propose_step(double error_ratio, double dt, double order, double safety,
                                            double ifactor, double dfactor, double min_step, double max_step) {
   if (!std::isfinite(error_ratio)) {
-    return {dt <= min_step, clamp(dt * dfactor, min_step, max_step), STATUS_NONFINITE};
+    const bool stuck = dt <= min_step;  // cannot shrink any further: the solve fails
+    return {false, clamp(dt * dfactor, min_step, max_step), stuck ? STATUS_FAILED_NONFINITE : STATUS_NONFINITE};
   }
   bool accept = error_ratio <= 1.0;
   if (dt > max_step) accept = false;

@@ -1,4 +1,4 @@
-// C++ twin of fastcnf/controller.py (see controller.cpp).
+// C++ twin of fastcnf/ode/control/reference.py (see controller.cpp).
 #pragma once
 
 #include <cstdint>
@@ -7,8 +7,15 @@
 
 namespace fastcnf {
 
-constexpr int STATUS_OK = 0;
-constexpr int STATUS_NONFINITE = 1;
+// The status vocabulary of every step-size controller and solver loop; the values are those of
+// fastcnf.ode.control.Status (the bindings export them and a test checks that they agree).
+enum Status : int {
+  STATUS_OK = 0,                // the trial step was judged; the solve goes on
+  STATUS_NONFINITE = 1,         // NaN/Inf in the trial step: rejected, dt shrunk by dfactor
+  STATUS_FAILED_NONFINITE = 2,  // NaN/Inf with dt already at min_step: the solve fails
+  STATUS_FAILED_UNDERFLOW = 3,  // dt no longer advances t (set by the loops)
+  STATUS_FAILED_MAX_STEPS = 4,  // max_num_steps reached before the next output time (set by the loops)
+};
 
 struct SegmentNorm {
   std::vector<int64_t> ends;  // exclusive end offsets, increasing

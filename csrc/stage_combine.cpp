@@ -58,10 +58,10 @@ std::vector<uintptr_t> strided_rows(uintptr_t stages, int64_t stage_stride, size
 
 }  // namespace
 
-StageCombiner::StageCombiner(std::vector<std::vector<double>> rows, std::vector<double> solution, bool is_double)
+CpuStageCombiner::CpuStageCombiner(std::vector<std::vector<double>> rows, std::vector<double> solution, bool is_double)
     : rows_(std::move(rows)), solution_(std::move(solution)), is_double_(is_double) {}
 
-void StageCombiner::combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0,
+void CpuStageCombiner::combine(const std::vector<double>& weights, uintptr_t out, uintptr_t y0,
                             const std::vector<uintptr_t>& rows, int64_t n, double dt) const {
   if (rows.size() < weights.size()) throw std::invalid_argument("fewer stage pointers than weights");
   if (is_double_) {
@@ -71,28 +71,28 @@ void StageCombiner::combine(const std::vector<double>& weights, uintptr_t out, u
   }
 }
 
-const std::vector<double>& StageCombiner::row(int64_t index) const {
+const std::vector<double>& CpuStageCombiner::row(int64_t index) const {
   if (index < 0 || index >= static_cast<int64_t>(rows_.size())) throw std::out_of_range("stage index");
   return rows_[index];
 }
 
-void StageCombiner::stage(int64_t index, uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride,
+void CpuStageCombiner::stage(int64_t index, uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride,
                           int64_t n, double dt) const {
   const auto& weights = row(index);
   combine(weights, out, y0, strided_rows(stages, stage_stride, weights.size(), is_double_), n, dt);
 }
 
-void StageCombiner::solution(uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n,
+void CpuStageCombiner::solution(uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n,
                              double dt) const {
   combine(solution_, out, y0, strided_rows(stages, stage_stride, solution_.size(), is_double_), n, dt);
 }
 
-void StageCombiner::stage_from(int64_t index, uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages,
+void CpuStageCombiner::stage_from(int64_t index, uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages,
                                int64_t n, double dt) const {
   combine(row(index), out, y0, stages, n, dt);
 }
 
-void StageCombiner::solution_from(uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages, int64_t n,
+void CpuStageCombiner::solution_from(uintptr_t out, uintptr_t y0, const std::vector<uintptr_t>& stages, int64_t n,
                                   double dt) const {
   combine(solution_, out, y0, stages, n, dt);
 }

@@ -7,10 +7,10 @@
 namespace fastcnf {
 
 // out = y0 + dt * sum_j weights[j] * stages[j], one pass over memory.
-class StageCombiner {
+class CpuStageCombiner {
  public:
   // rows[i] are the weights of stage input i (a_i), solution is b.
-  StageCombiner(std::vector<std::vector<double>> rows, std::vector<double> solution, bool is_double);
+  CpuStageCombiner(std::vector<std::vector<double>> rows, std::vector<double> solution, bool is_double);
   void stage(int64_t index, uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n,
              double dt) const;
   void solution(uintptr_t out, uintptr_t y0, uintptr_t stages, int64_t stage_stride, int64_t n, double dt) const;

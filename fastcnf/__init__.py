@@ -4,12 +4,21 @@ A drop-in replacement for torchdiffeq (``import fastcnf as torchdiffeq``) with t
 signatures and results, plus CNF training tools (TO-FLOW, JKO-iFlow, TPR).
 """
 
-from .adjoint import odeint_adjoint
-from .errors import (FastCNFError, InvalidOptionError, InvalidStateError, InvalidTimeGridError,
-                     InvalidToleranceError, MaxNumStepsError, NonFiniteStateError, NonlinearSolveError,
-                     StepSizeUnderflowError, UnknownMethodError)
-from .odeint import odeint, odeint_dense, odeint_event
-from .solvers import METHODS
+from .errors import (
+                     FastCNFError,
+                     InvalidOptionError,
+                     InvalidStateError,
+                     InvalidTimeGridError,
+                     InvalidToleranceError,
+                     MaxNumStepsError,
+                     NonFiniteStateError,
+                     NonlinearSolveError,
+                     StepSizeUnderflowError,
+                     UnknownMethodError,
+)
+from .ode.adjoint import odeint_adjoint
+from .ode.odeint import odeint, odeint_dense, odeint_event
+from .ode.registry import METHODS
 from .stats import SolverStats, track
 
 __version__ = "0.1.0"

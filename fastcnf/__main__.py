@@ -1,5 +1,5 @@
-"""``python -m fastcnf <command>``; see ``fastcnf.cli``."""
+"""``python -m fastcnf <command>``; see ``fastcnf.training.cli``."""
 
-from .cli import main
+from .training.cli import main
 
 raise SystemExit(main())

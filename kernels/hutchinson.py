@@ -1,7 +1,8 @@
 """Fused Hutchinson kernel for MLP dynamics: ``f(t, z)`` and ``eps^T (df/dz) eps`` in one pass.
 
-For a network described by ``fastcnf.mlp_spec.MLPSpec`` the kernel propagates the hidden state
-``h`` and its tangent ``v = (dh/dz) eps`` through all layers together (forward-mode
+For an MLP described by a spec (``weights``, ``biases``, ``activation`` and ``has_time(layer)``, as
+``fastcnf.cnf.mlp_spec.MLPSpec`` provides) the kernel propagates the hidden state ``h`` and its
+tangent ``v = (dh/dz) eps`` through all layers together (forward-mode
 differentiation), one program per block of batch rows:
 
     pre_k = W_k [t, h_{k-1}] + b_k        h_k = act(pre_k)
@@ -15,9 +16,11 @@ compiles in seconds for any width up to ``MAX_WIDTH`` (``supports`` checks that)
 the kernel also stores every hidden ``pre_k`` and ``tan_k``; the backward (``HutchinsonMLP``)
 runs the reverse pass of the (h, v) recurrence with torch matmuls and gives gradients to ``z``,
 ``eps``, ``t`` and every weight and bias. The plain torch reference is ``hutchinson_reference``
-(``torch.func.jvp`` through ``fastcnf.mlp_spec.mlp_forward``).
+(``torch.func.jvp`` through ``mlp_reference``). This module imports nothing from fastcnf; the
+caller (``fastcnf.cnf.divergence``) decides when to use it.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +29,21 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastcnf.backend import select_backend
-from fastcnf.mlp_spec import mlp_forward
-
-__all__ = ["MAX_WIDTH", "DTYPES", "supports", "hutchinson_mlp", "HutchinsonMLP", "hutchinson_reference"]
+__all__ = ["MAX_WIDTH", "DTYPES", "ACTIVATIONS", "supports", "hutchinson_mlp", "HutchinsonMLP", "hutchinson_reference",
+           "mlp_reference"]
 
 MAX_WIDTH = 128
 DTYPES = (torch.float32, torch.float64)
 TILE_ELEMENTS = {torch.float32: 1024, torch.float64: 512}
 MAX_BATCH_BLOCK = 64
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's default: identity above it
+ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+    "sigmoid": torch.sigmoid,
+    "swish": F.silu,
+    "elu": F.elu,
+}
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -288,18 +296,34 @@ def hutchinson_mlp(spec, t, z, eps):
 
 
 def hutchinson_reference(spec, t, z, eps):
-    """Plain torch twin of ``hutchinson_mlp``: ``torch.func.jvp`` through ``mlp_forward``."""
+    """Plain torch twin of ``hutchinson_mlp``: ``torch.func.jvp`` through ``mlp_reference``."""
     time = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=z.dtype, device=z.device)
-    f, jvp = torch.func.jvp(lambda state: mlp_forward(spec, time.reshape(()), state), (z,), (eps,))
+    f, jvp = torch.func.jvp(lambda state: mlp_reference(spec, time.reshape(()), state), (z,), (eps,))
     return f, (eps * jvp).sum(dim=1)
 
 
+def mlp_reference(spec, t, z):
+    """Plain torch evaluation of the MLP ``spec`` at time ``t`` (0-dim tensor) on z (B, D)."""
+    activation = ACTIVATIONS[spec.activation]
+    h = z
+    last = len(spec.weights) - 1
+    for layer, (weight, bias) in enumerate(zip(spec.weights, spec.biases)):
+        if spec.has_time(layer):
+            h = torch.cat([torch.ones_like(h[:, :1]) * t, h], dim=1)
+        h = F.linear(h, weight, bias)
+        if layer < last:
+            h = activation(h)
+    return h
+
+
 def supports(spec, device):
-    """True when ``hutchinson_mlp`` runs ``spec`` on ``device``: the Triton backend is selected for
-    it (CUDA, or CPU with ``FASTCNF_BACKEND=triton`` and ``TRITON_INTERPRET=1``), every tensor is
-    float32 or float64 on that device and no layer is wider than ``MAX_WIDTH``."""
+    """True when ``hutchinson_mlp`` can run ``spec`` on ``device``: a CUDA device (or the CPU under
+    ``TRITON_INTERPRET=1``), every tensor float32 or float64 on that device, a known activation and
+    no layer wider than ``MAX_WIDTH``."""
     device = torch.device(device)
-    if select_backend(device) != "triton":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if spec.activation not in ACTIVATIONS:
         return False
     tensors = (*spec.weights, *spec.biases)
     if any(tensor.dtype not in DTYPES or tensor.device.type != device.type for tensor in tensors):

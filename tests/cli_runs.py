@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from fastcnf.checkpoint import load_checkpoint
+from fastcnf.training.checkpoint import load_checkpoint
 
 __all__ = ["kill_after_first_checkpoint_and_resume"]
 

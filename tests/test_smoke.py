@@ -20,7 +20,7 @@ def _problem(dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_torchdiffeq_float64(method):
     func, y0, t = _problem(torch.float64)
-    options = dict(step_size=0.05) if method not in fastcnf.tableaus.ADAPTIVE_TABLEAUS else None
+    options = dict(step_size=0.05) if method not in fastcnf.ode.explicit.tableaus.ADAPTIVE_TABLEAUS else None
     expected = torchdiffeq.odeint(func, y0, t, method=method, options=options, rtol=1e-6, atol=1e-8)
     actual = fastcnf.odeint(func, y0, t, method=method, options=options, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-8)

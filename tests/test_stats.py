@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from problems import CountingFunc, tanh_problem
 
 import fastcnf
-
-from problems import CountingFunc, tanh_problem
 
 F64 = torch.float64
 

@@ -18,12 +18,13 @@ import torch
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
+from fastcnf.kernels import hutchinson, rk_stage  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from fastcnf import tableaus  # noqa: E402
-from fastcnf.kernels import hutchinson, rk_stage  # noqa: E402
-from fastcnf.mlp_spec import ACTIVATIONS, MLPSpec  # noqa: E402
-from fastcnf.norms import SegmentNorm  # noqa: E402
+from fastcnf.cnf.mlp_spec import ACTIVATIONS, MLPSpec  # noqa: E402
+from fastcnf.ode.control import StepRule  # noqa: E402
+from fastcnf.ode.explicit import tableaus  # noqa: E402
+from fastcnf.ode.norms import SegmentNorm  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's CUDA compiler backend is missing"),
@@ -79,10 +80,17 @@ def _launch_everything():
     for dtype in (torch.float32, torch.float64):
         y0 = torch.randn(3000, dtype=dtype)
         stages = torch.randn(tableaus.DOPRI5.stages, 3000, dtype=dtype)
-        rk_stage.StageCombiner(tableaus.DOPRI5.a, tableaus.DOPRI5.b, dtype, "cpu").solution(y0, stages, 0.1)
+        dt = torch.tensor(0.1, dtype=torch.float64)  # the device loop's step size
+        combiner = rk_stage.TritonStageCombiner(tableaus.DOPRI5.a, tableaus.DOPRI5.b, dtype, "cpu")
+        combiner.solution(y0, stages, 0.1)
+        combiner.stage(3, y0, stages, dt)
         norm = SegmentNorm.from_sizes([1000, 2000])
         for rtol, atol in ((1e-5, 1e-7), (torch.full((3000,), 1e-5), torch.full((3000,), 1e-7))):
             rk_stage.fused_error_ratio(y0, y0, stages, tableaus.DOPRI5.b_error, 0.1, rtol, atol, norm)
+        rule = StepRule(order=5.0)
+        ratio = rk_stage.ErrorRatio(tableaus.DOPRI5.b_error, norm, 3000, 1e-5, 1e-7, "cpu")
+        ratio.decide(y0, y0, stages, dt, rule, (0, 1, 2))
+        ratio.decide(y0, y0, stages, 0.1, rule, (0, 1, 2))
     for activation in ACTIVATIONS:
         _hutchinson_call((2, 64, 64, 2), activation, torch.float32, requires_grad=activation == "softplus")
     _hutchinson_call((3, 9, 3), "tanh", torch.float64, requires_grad=True)
@@ -108,7 +116,9 @@ def test_every_launch_compiles_for_sm90(monkeypatch, triton_backend):
         if job not in jobs:
             jobs.append(job)
     assert {job[1] for job in jobs} == {name for names in KERNELS.values() for name in names}
-    assert len(jobs) == 2 + 4 + 1 + 7  # combine x2 dtypes, partials x2 x2, finalize, hutchinson x7
+    # combine: 2 dtypes x dt (value, device); partials: 2 dtypes x (scalar, per-element tolerances, device dt);
+    # finalize: ratio only, decision with dt value, decision with device dt; hutchinson: 7
+    assert len(jobs) == 4 + 6 + 3 + 7
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", COMPILE], input=repr(jobs), env=env, capture_output=True,
                             text=True)

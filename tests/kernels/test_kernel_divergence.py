@@ -1,13 +1,14 @@
-"""The Hutchinson estimator of fastcnf.divergence runs the fused kernel for ODEnet MLPs."""
+"""The Hutchinson estimator of fastcnf.cnf.divergence runs the fused kernel for ODEnet MLPs."""
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from fastcnf.divergence import HutchinsonDivergence  # noqa: E402
 from fastcnf.kernels import hutchinson  # noqa: E402
-from fastcnf.nets import ODEnet  # noqa: E402
+
+from fastcnf.cnf.divergence import HutchinsonDivergence  # noqa: E402
+from fastcnf.cnf.nets import ODEnet  # noqa: E402
 
 
 @pytest.mark.parametrize("layer", ["concat", "ignore"])

@@ -7,10 +7,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastcnf import tableaus  # noqa: E402
-from fastcnf.controller import scaled_error_ratio  # noqa: E402
 from fastcnf.kernels import rk_stage  # noqa: E402
-from fastcnf.norms import SegmentNorm  # noqa: E402
+
+from fastcnf.ode.control.reference import scaled_error_ratio  # noqa: E402
+from fastcnf.ode.explicit import tableaus  # noqa: E402
+from fastcnf.ode.norms import SegmentNorm  # noqa: E402
 
 SIZES = [1, 7, 1000, 4097]
 # Stage sums are formed in the state dtype (a few roundings of O(1) numbers); the error ratio in
@@ -35,7 +36,7 @@ def _reference_ratio(y0, y1, stages, tableau, dt, rtol, atol, norm):
 @pytest.mark.parametrize("numel", SIZES)
 def test_stage_combine_matches_addmv(dtype, numel, device):
     y0, stages = _stages(tableaus.DOPRI5, numel, dtype, device)
-    combiner = rk_stage.StageCombiner(tableaus.DOPRI5.a, tableaus.DOPRI5.b, dtype, device)
+    combiner = rk_stage.TritonStageCombiner(tableaus.DOPRI5.a, tableaus.DOPRI5.b, dtype, device)
     for i in range(1, tableaus.DOPRI5.stages):
         expected = rk_stage.stage_combine_reference(y0, stages, tableaus.DOPRI5.a[i], 0.173)
         torch.testing.assert_close(combiner.stage(i, y0, stages, 0.173), expected, **COMBINE_TOL[dtype])
@@ -157,7 +158,62 @@ def test_bad_inputs_raise_clear_errors(device):
         rk_stage.stage_combine(y0.half(), stages.half(), [1.0], 0.1)
     with pytest.raises(ValueError, match="end at the state size"):
         rk_stage.ErrorRatio(tableaus.DOPRI5.b_error, SegmentNorm.single(9), 10, 1e-3, 1e-6, device)
-    with pytest.raises(TypeError, match="SegmentNorm"):
+    with pytest.raises(TypeError, match="segment norm"):
         rk_stage.fused_error_ratio(y0, y0, stages, tableaus.DOPRI5.b_error, 0.1, 1e-3, 1e-6, torch.linalg.norm)
     with pytest.raises(ValueError, match="rtol has 3 elements"):
         rk_stage.ErrorRatio(tableaus.DOPRI5.b_error, SegmentNorm.single(10), 10, torch.ones(3), 1e-6, device)
+
+
+# ---------------------------------------------------------------- dt on the device, the step decision
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_device_step_size_gives_the_float_results(dtype, device):
+    """The device loop hands dt as a 0-dim tensor: the kernels read it and give the same bits."""
+    tableau = tableaus.DOPRI5
+    y0, stages = _stages(tableau, 1001, dtype, device, seed=4)
+    dt = torch.tensor(0.0371, dtype=torch.float64, device=device)
+    combiner = rk_stage.TritonStageCombiner(tableau.a, tableau.b, dtype, device)
+    for i in range(1, tableau.stages):
+        torch.testing.assert_close(combiner.stage(i, y0, stages, dt), combiner.stage(i, y0, stages, 0.0371),
+                                   rtol=0, atol=0)
+    y1 = combiner.solution(y0, stages, dt)
+    ratio = rk_stage.ErrorRatio(tableau.b_error, SegmentNorm.single(1001), 1001, 1e-4, 1e-6, device)
+    assert float(ratio(y0, y1, stages, dt)) == float(ratio(y0, y1, stages, 0.0371))
+    y0_grad = y0.clone().requires_grad_()
+    rk_stage.stage_combine(y0_grad, stages, tableau.a[3], dt).sum().backward()
+    assert torch.equal(y0_grad.grad, torch.ones_like(y0))
+
+
+def test_error_ratio_references_agree(device):
+    """The kernel file's own torch reference and the solver's reference controller are the same rule."""
+    tableau = tableaus.TSIT5
+    norm = SegmentNorm.from_sizes([10, 0, 23], [False, False, True])
+    y0, stages = _stages(tableau, 33, torch.float64, device, seed=5)
+    y1 = rk_stage.stage_combine_reference(y0, stages, tableau.b, 0.2)
+    ours = rk_stage.error_ratio_reference(y0, y1, stages, tableau.b_error, 0.2, 1e-3, 1e-6, norm)
+    assert ours == pytest.approx(_reference_ratio(y0, y1, stages, tableau, 0.2, 1e-3, 1e-6, norm), rel=1e-13)
+    y1[4] = math.nan
+    assert math.isnan(rk_stage.error_ratio_reference(y0, y1, stages, tableau.b_error, 0.2, 1e-3, 1e-6, norm))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_step_decision_on_the_device_equals_the_reference_rule(device):
+    """``ErrorRatio.decide`` applies the step-size rule in the kernel: the same accept/reject, next step
+    and status as ``fastcnf.ode.control.reference.propose_step`` for ratios around 1, 0, NaN and Inf."""
+    from fastcnf.ode.control import Status, StepRule, propose_step
+
+    codes = (int(Status.OK), int(Status.NONFINITE), int(Status.FAILED_NONFINITE))
+    y0 = torch.zeros(1, dtype=torch.float64, device=device)
+    stages = torch.zeros(2, 1, dtype=torch.float64, device=device)
+    kernel = rk_stage.ErrorRatio((1.0, -1.0), SegmentNorm.single(1), 1, 0.0, 1.0, device)
+    rules = [StepRule(order=5.0), StepRule(order=3.0, safety=0.8, ifactor=5.0, dfactor=0.1, min_step=0.01,
+                                          max_step=0.4)]
+    ratios = [0.0, 1e-300, 0.3, 0.99, 1.0, 1.0 + 1e-9, 2.5, 1e6, math.nan, math.inf]
+    for rule in rules:
+        for ratio in ratios:
+            for dt in (0.01, 0.1, 0.5):
+                stages[0, 0] = ratio / dt if math.isfinite(ratio) else ratio  # error = dt * (k0 - k1), atol = 1
+                accept, dt_next, got_ratio, status = kernel.decide(y0, y0, stages, torch.tensor(
+                    dt, dtype=torch.float64, device=device), rule, codes)
+                expected = propose_step(float(got_ratio), dt, rule)
+                assert (bool(accept), int(status)) == (expected[0], int(expected[2])), (rule, ratio, dt)
+                assert float(dt_next) == pytest.approx(expected[1], rel=1e-13), (rule, ratio, dt)

@@ -5,8 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import fastcnf  # noqa: E402
 from fastcnf.kernels import rk_stage  # noqa: E402
+
+import fastcnf  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -29,22 +30,24 @@ def _solve(monkeypatch, backend, *args, **kwargs):
     return solution, (stats.nfe_forward, stats.steps_accepted, stats.steps_rejected)
 
 
+class _CountedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are counted under ``name``."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] += 1
+        return self.kernel[grid]
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts launches of the fused error ratio and stage combination."""
-    counts = {"ratio": 0, "combine": 0}
-    ratio_call, combine = rk_stage.ErrorRatio.__call__, rk_stage._combine
-
-    def counted_ratio(*args):
-        counts["ratio"] += 1
-        return ratio_call(*args)
-
-    def counted_combine(*args):
-        counts["combine"] += 1
-        return combine(*args)
-
-    monkeypatch.setattr(rk_stage.ErrorRatio, "__call__", counted_ratio)
-    monkeypatch.setattr(rk_stage, "_combine", counted_combine)
+    """Counts launches of the fused kernels: stage combination, error partials, ratio + decision."""
+    counts = {"ratio": 0, "combine": 0, "partials": 0}
+    for name, attribute in (("combine", "_stage_combine_kernel"), ("partials", "_error_partials_kernel"),
+                            ("ratio", "_error_finalize_kernel")):
+        monkeypatch.setattr(rk_stage, attribute, _CountedKernel(getattr(rk_stage, attribute), counts, name))
     return counts
 
 
@@ -57,14 +60,46 @@ def test_adaptive_solve_matches_torch_backend(method, dtype_name, device, monkey
     dtype = getattr(torch, dtype_name)
     func, y0, t = _problem(dtype, device)
     expected, expected_stats = _solve(monkeypatch, "torch", func, y0, t, method=method, rtol=1e-6, atol=1e-8)
-    assert kernel_calls == {"ratio": 0, "combine": 0}
+    assert kernel_calls == {"ratio": 0, "combine": 0, "partials": 0}
     solution, stats = _solve(monkeypatch, "triton", func, y0, t, method=method, rtol=1e-6, atol=1e-8)
     assert stats == expected_stats
-    assert kernel_calls["ratio"] == stats[1] + stats[2]  # one fused error ratio per trial step
+    assert kernel_calls["ratio"] == stats[1] + stats[2]  # one fused error ratio + decision per trial step
+    assert kernel_calls["partials"] == kernel_calls["ratio"]
     assert kernel_calls["combine"] > kernel_calls["ratio"]
     # dopri8's error estimate is at rounding level: different summation orders move its steps
     tolerance = dict(rtol=1e-7, atol=1e-9) if method == "dopri8" else TOL[dtype]
     torch.testing.assert_close(solution, expected, **tolerance)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_loop_runs_the_fused_kernels(method, dtype, device, monkeypatch, kernel_calls):
+    """The sync-free device loop (the default on CUDA) combines its stages and judges its steps in the
+    fused kernels, reading dt on the device, and gives the torch reference's answer."""
+    func, y0, t = _problem(dtype, device)
+    expected, expected_stats = _solve(monkeypatch, "torch", func, y0, t, method=method, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        solution, stats = _solve(monkeypatch, "triton", func, y0, t, method=method, rtol=1e-6, atol=1e-8,
+                                 options=dict(device_loop=True))
+    trials = stats[1] + stats[2]
+    stages = len(fastcnf.ode.explicit.tableaus.ADAPTIVE_TABLEAUS[method].c)
+    assert kernel_calls["ratio"] >= trials and kernel_calls["partials"] == kernel_calls["ratio"]
+    assert kernel_calls["combine"] >= (stages - 1) * kernel_calls["ratio"]
+    assert abs(stats[1] - expected_stats[1]) + abs(stats[2] - expected_stats[2]) <= (dtype == torch.float32)
+    torch.testing.assert_close(solution, expected, **(TOL[dtype] if stats[1:] == expected_stats[1:] else
+                                                      dict(rtol=1e-4, atol=1e-5)))
+
+
+def test_device_loop_under_autograd_uses_the_stage_kernel(device, monkeypatch, kernel_calls):
+    func, y0, t = _problem(torch.float64, device)
+    grads = []
+    for backend, options in (("torch", None), ("triton", dict(device_loop=True))):
+        monkeypatch.setenv("FASTCNF_BACKEND", backend)
+        start = y0.clone().requires_grad_()
+        solution = fastcnf.odeint(func, start, t, method="dopri5", rtol=1e-7, atol=1e-9, options=options)
+        grads.append(torch.autograd.grad(solution.square().sum(), start)[0])
+    assert kernel_calls["combine"] > 0 and kernel_calls["ratio"] > 0
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
 
 
 def test_tuple_state_with_per_entry_tolerances(device, monkeypatch, kernel_calls):

@@ -1,0 +1,223 @@
+"""Estimators of the divergence tr(df/dz) of CNF dynamics, selectable by name.
+
+Every estimator is called as ``estimator(func, t, z, frobenius=False)`` with ``z`` of shape
+(B, *event) and returns a ``DivergenceEstimate``: f(t, z), the per-sample divergence (B,) and,
+when asked, a per-sample estimate of the squared Jacobian Frobenius norm |df/dz|_F^2 (B,) for
+the Jacobian regularizer.
+
+    exact                   sum_i d f_i / d z_i, one vector-Jacobian product per dimension
+    hutchinson-gaussian     eps^T (df/dz) eps, eps ~ N(0, I)       (one vector-Jacobian product)
+    hutchinson-rademacher   same with eps uniform on {-1, +1}
+    fd-gaussian             eps^T (f(z + h eps) - f(z - h eps)) / 2h  (no double backward)
+    fd-rademacher
+
+The Hutchinson noise is drawn by ``resample(z)`` (a CNF calls it at the start of every solve) and
+stays fixed during the solve and its adjoint, as an unbiased estimator of a solve requires. In
+multi-process training the training loop installs a noise source (``fastcnf.cnf.noise``) that draws it
+for the global batch and keeps this process's rows, so a sample's noise does not depend on the
+number of processes.
+Gradients through the estimates flow to ``z`` and to the parameters of ``func`` under plain
+autograd and under ``odeint_adjoint``.
+
+A network exposing ``mlp_spec()`` can be evaluated by the fused Triton kernel
+``fastcnf.kernels.hutchinson.hutchinson_mlp(spec, t, z, eps) -> (f, quad)`` (quad: (B,)); the
+Hutchinson estimators use it on the Triton backend (``fastcnf.ode.backend``) where the kernel's
+``supports(spec, device)`` holds, and fall back to autograd.
+"""
+
+import importlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..ode.backend import select_backend
+from .noise import NOISES, estimator_noise
+
+__all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
+           "ESTIMATORS", "make_estimator"]
+
+KERNEL_MODULE = "fastcnf.kernels.hutchinson"
+
+
+@dataclass
+class DivergenceEstimate:
+    """f(t, z) (B, *event), divergence (B,), squared Frobenius norm estimate (B,) or None."""
+
+    f: torch.Tensor
+    divergence: torch.Tensor
+    frobenius: torch.Tensor = None
+
+
+def _with_grad_input(z):
+    """``z`` if it is already part of a graph, else a detached copy that requires grad."""
+    return z if z.requires_grad else z.detach().requires_grad_(True)
+
+
+def _per_sample_sum(values):
+    return values.reshape(values.shape[0], -1).sum(dim=1)
+
+
+def _vector_jacobian(f, z, vector, create_graph, retain_graph=None):
+    """vector^T df/dz, zeros where f does not depend on z."""
+    if not f.requires_grad:
+        return torch.zeros_like(z)
+    (grad,) = torch.autograd.grad(f, z, vector, create_graph=create_graph, retain_graph=retain_graph,
+                                  allow_unused=True)
+    return torch.zeros_like(z) if grad is None else grad
+
+
+def _finish(f, create_graph):
+    return f if create_graph else f.detach()
+
+
+class _NoiseEstimator:
+    """Base of the stochastic estimators: holds the noise fixed between ``resample`` calls."""
+
+    stochastic = True
+
+    def __init__(self, noise="gaussian"):
+        if noise not in NOISES:
+            raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}.")
+        self.noise_kind = noise
+        self.noise = None
+
+    def resample(self, z):
+        """Draw fresh noise shaped like ``z`` (B, *event); it is used until the next call."""
+        self.noise = estimator_noise(self.noise_kind, z.detach())
+
+    def _current_noise(self, z):
+        if self.noise is None or self.noise.shape != z.shape:
+            got = None if self.noise is None else tuple(self.noise.shape)
+            raise RuntimeError(f"{type(self).__name__}: no noise for a state of shape {tuple(z.shape)} (have {got}); "
+                               "call resample(z) before the solve.")
+        return self.noise.to(dtype=z.dtype, device=z.device)
+
+
+class ExactDivergence:
+    """tr(df/dz) by one vector-Jacobian product per event dimension (use for D up to ~10)."""
+
+    stochastic = False
+    name = "exact"
+
+    def resample(self, z):
+        """Nothing to draw; present so every estimator can be driven the same way."""
+
+    def __call__(self, func, t, z, frobenius=False):
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            z_in = _with_grad_input(z)
+            f = func(t, z_in)
+            flat_f = f.reshape(f.shape[0], -1)
+            size = flat_f.shape[1]
+            divergence = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
+            squares = torch.zeros_like(divergence) if frobenius else None
+            for i in range(size):
+                row = _vector_jacobian(flat_f[:, i].sum(), z_in, None, create_graph,
+                                       retain_graph=True if i < size - 1 else create_graph)
+                row = row.reshape(row.shape[0], -1)
+                divergence = divergence + row[:, i]
+                if frobenius:
+                    squares = squares + row.pow(2).sum(dim=1)
+        return DivergenceEstimate(_finish(f, create_graph), divergence, squares)
+
+
+class HutchinsonDivergence(_NoiseEstimator):
+    """eps^T (df/dz) eps with eps fixed per solve; Frobenius estimate |eps^T df/dz|^2.
+
+    Args:
+        noise: ``"gaussian"`` or ``"rademacher"``.
+        fused_kernel: use ``fastcnf.kernels.hutchinson`` for nets with ``mlp_spec()``: ``None``
+            (default) on CUDA tensors only, ``True`` wherever the kernel supports the device,
+            ``False`` never. The kernel is skipped when a Frobenius estimate is needed.
+    """
+
+    def __init__(self, noise="gaussian", fused_kernel=None):
+        super().__init__(noise)
+        if fused_kernel not in (None, True, False):
+            raise ValueError(f"fused_kernel must be None, True or False, got {fused_kernel!r}.")
+        self.fused_kernel = fused_kernel
+        self.name = f"hutchinson-{noise}"
+
+    def __call__(self, func, t, z, frobenius=False):
+        eps = self._current_noise(z)
+        fused = None if frobenius else self._fused(func, z)
+        if fused is not None:
+            kernel, spec = fused
+            f, quad = kernel.hutchinson_mlp(spec, t, z, eps)
+            return DivergenceEstimate(f, quad)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            z_in = _with_grad_input(z)
+            f = func(t, z_in)
+            eps_jac = _vector_jacobian(f, z_in, eps, create_graph)
+        divergence = _per_sample_sum(eps_jac * eps)
+        squares = _per_sample_sum(eps_jac.pow(2)) if frobenius else None
+        return DivergenceEstimate(_finish(f, create_graph), divergence, squares)
+
+    def _fused(self, func, z):
+        """(kernel module, spec) when the fused kernel can evaluate ``func`` on ``z``, else None."""
+        if self.fused_kernel is False or (self.fused_kernel is None and z.device.type != "cuda"):
+            return None
+        describe = getattr(func, "mlp_spec", None)
+        spec = describe() if callable(describe) else None
+        if spec is None or z.ndim != 2:
+            return None
+        if select_backend(z.device) != "triton":
+            return None
+        kernel = load_kernel()
+        if kernel is None or not kernel.supports(spec, z.device):
+            return None
+        return kernel, spec
+
+
+def load_kernel():
+    """The fused Hutchinson kernel module, or None where it is not installed."""
+    try:
+        return importlib.import_module(KERNEL_MODULE)
+    except ImportError:
+        return None
+
+
+class FiniteDifferenceDivergence(_NoiseEstimator):
+    """eps^T (f(z + h eps) - f(z - h eps)) / (2h): three evaluations, first-order autograd only.
+
+    The Frobenius estimate is |(f(z + h eps) - f(z - h eps)) / 2h|^2 = |(df/dz) eps|^2, which
+    has the same expectation as |eps^T df/dz|^2.
+
+    Args:
+        noise: ``"gaussian"`` or ``"rademacher"``.
+        step: difference step h; default eps_mach^(1/3) of the state dtype (central differences).
+    """
+
+    def __init__(self, noise="gaussian", step=None):
+        super().__init__(noise)
+        if step is not None and not step > 0:
+            raise ValueError(f"step must be positive, got {step!r}.")
+        self.step = step
+        self.name = f"fd-{noise}"
+
+    def __call__(self, func, t, z, frobenius=False):
+        eps = self._current_noise(z)
+        h = self.step if self.step is not None else torch.finfo(z.dtype).eps ** (1.0 / 3.0)
+        f = func(t, z)
+        directional = (func(t, z + h * eps) - func(t, z - h * eps)) / (2.0 * h)
+        divergence = _per_sample_sum(directional * eps)
+        squares = _per_sample_sum(directional.pow(2)) if frobenius else None
+        return DivergenceEstimate(f, divergence, squares)
+
+
+ESTIMATORS = {
+    "exact": ExactDivergence,
+    "hutchinson-gaussian": partial(HutchinsonDivergence, "gaussian"),
+    "hutchinson-rademacher": partial(HutchinsonDivergence, "rademacher"),
+    "fd-gaussian": partial(FiniteDifferenceDivergence, "gaussian"),
+    "fd-rademacher": partial(FiniteDifferenceDivergence, "rademacher"),
+}
+
+
+def make_estimator(name, **kwargs):
+    """The estimator registered as ``name`` (see ``ESTIMATORS``), built with ``kwargs``."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown divergence estimator {name!r}; choose one of {', '.join(ESTIMATORS)}.")
+    return ESTIMATORS[name](**kwargs)

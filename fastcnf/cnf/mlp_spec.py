@@ -1,0 +1,68 @@
+"""Description of a time-dependent MLP that fused kernels can evaluate directly.
+
+A network that can describe itself this way (``fastcnf.cnf.nets`` networks expose ``mlp_spec()``)
+lets the divergence estimators use the fused Hutchinson kernel of ``fastcnf.kernels`` instead
+of an autograd vector-Jacobian product per evaluation.
+
+    h_0 = z                                            (B, D)
+    h_k = act(W_k [t, h_{k-1}] + b_k)   k < L          time column first, when concatenated
+    f   = W_L [t, h_{L-1}] + b_L                       (B, D)
+
+``time_concat`` says which layers see the time column: ``"all"`` (FFJORD's ConcatLinear
+layers), ``"first"`` (only the input layer) or ``"none"`` (autonomous dynamics).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MLPSpec", "ACTIVATIONS", "TIME_CONCAT", "activation_fn", "mlp_forward"]
+
+ACTIVATIONS = ("tanh", "softplus", "sigmoid", "swish", "elu")
+TIME_CONCAT = ("all", "first", "none")
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Weights (out_k, in_k [+1 for the time column]) and biases (out_k,) of each layer."""
+
+    weights: tuple
+    biases: tuple
+    activation: str
+    time_concat: str = "all"
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if self.time_concat not in TIME_CONCAT:
+            raise ValueError(f"time_concat must be one of {TIME_CONCAT}, got {self.time_concat!r}.")
+        if len(self.weights) != len(self.biases) or not self.weights:
+            raise ValueError("an MLPSpec needs one bias per weight and at least one layer.")
+
+    def has_time(self, layer):
+        return self.time_concat == "all" or (self.time_concat == "first" and layer == 0)
+
+
+def activation_fn(name):
+    return {
+        "tanh": torch.tanh,
+        "softplus": F.softplus,
+        "sigmoid": torch.sigmoid,
+        "swish": lambda x: x * torch.sigmoid(x),
+        "elu": F.elu,
+    }[name]
+
+
+def mlp_forward(spec, t, z):
+    """Reference evaluation of ``spec`` at time ``t`` (0-dim tensor) on z (B, D)."""
+    act = activation_fn(spec.activation)
+    h = z
+    last = len(spec.weights) - 1
+    for layer, (weight, bias) in enumerate(zip(spec.weights, spec.biases)):
+        if spec.has_time(layer):
+            h = torch.cat([torch.ones_like(h[:, :1]) * t, h], dim=1)
+        h = F.linear(h, weight, bias)
+        if layer < last:
+            h = act(h)
+    return h

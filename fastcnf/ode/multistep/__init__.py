@@ -1,0 +1,1 @@
+"""Fixed-grid Adams methods (explicit_adams, implicit_adams / fixed_adams)."""

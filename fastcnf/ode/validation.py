@@ -1,0 +1,228 @@
+"""Every input check of fastcnf in one place: small named rules that raise a clear error naming
+the bad value.
+
+The generic rules (``require_positive``, ``require_positive_int``, ...) take the error class of
+the caller's layer (``InvalidOptionError`` for solver options, ``ConfigError`` for training
+settings, ``ValueError`` for the CNF modules). The ODE input checks (``check_state``,
+``check_time``, ``check_option_values``, ``check_tolerance``) are what ``odeint``, ``odeint_adjoint``
+and ``odeint_event`` run on their arguments; method and option names are looked up in the registry
+(``fastcnf.ode.registry.check_method`` / ``check_options``).
+"""
+
+import math
+import numbers
+
+import torch
+
+from ..errors import (
+    InvalidOptionError,
+    InvalidStateError,
+    InvalidTimeGridError,
+    InvalidToleranceError,
+    NonFiniteStateError,
+)
+
+__all__ = ["is_real_number", "require_positive", "require_non_negative", "require_positive_int", "require_choice",
+           "require_bool", "require_fraction", "check_state", "check_finite_state", "check_time", "check_option_values",
+           "check_tolerance"]
+
+
+# ----------------------------------------------------------------------------------- generic rules
+def is_real_number(value):
+    """A real Python number (not a bool) or a one-element real tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and not value.dtype == torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def require_positive(name, value, error=ValueError):
+    """``value`` is a finite number > 0; returns it as a float."""
+    if not is_real_number(value) or not math.isfinite(float(value)) or not float(value) > 0:
+        raise error(f"{name} must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def require_non_negative(name, value, error=ValueError):
+    """``value`` is a finite number >= 0; returns it as a float."""
+    if not is_real_number(value) or not math.isfinite(float(value)) or not float(value) >= 0:
+        raise error(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def require_fraction(name, value, error=ValueError):
+    """``value`` lies in (0, 1]; returns it as a float."""
+    if not is_real_number(value) or not 0 < float(value) <= 1:
+        raise error(f"{name} must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def require_positive_int(name, value, error=ValueError):
+    """``value`` is an integer >= 1 (a one-element integer tensor counts); returns it as an int."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def require_choice(what, value, choices, error=ValueError):
+    """``value`` is one of ``choices``; returns it."""
+    if value not in choices:
+        raise error(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}.")
+    return value
+
+
+def require_bool(name, value, error=ValueError):
+    """``value`` is True or False; returns it."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+# ------------------------------------------------------------------------------------ ODE inputs
+def check_state(y0):
+    if isinstance(y0, torch.Tensor):
+        parts = (y0,)
+    elif isinstance(y0, tuple) and len(y0) > 0 and all(isinstance(part, torch.Tensor) for part in y0):
+        parts = y0
+    else:
+        raise InvalidStateError(
+            f"y0 must be a torch.Tensor or a non-empty tuple of torch.Tensors, got {type(y0).__name__}.")
+    for index, part in enumerate(parts):
+        if not (part.is_floating_point() or part.is_complex()):
+            where = f"y0[{index}]" if isinstance(y0, tuple) else "y0"
+            raise InvalidStateError(f"`{where}` must be a floating point Tensor but is a {part.type()}")
+    if len({part.dtype for part in parts}) > 1:
+        raise InvalidStateError(
+            f"all tensors of a tuple state must share one dtype, got {[part.dtype for part in parts]}.")
+    if len({part.device for part in parts}) > 1:
+        raise ValueError(f"all tensors of a tuple state must be on one device, got {[str(p.device) for p in parts]}.")
+
+
+def check_finite_state(flat_y0):
+    if flat_y0.numel() and not bool(torch.isfinite(flat_y0).all()):
+        raise NonFiniteStateError("y0 contains NaN or Inf values.")
+
+
+def check_time(t, name="t"):
+    """``t`` must be a 1-D floating point tensor, finite and strictly increasing or decreasing."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidTimeGridError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating point Tensor but is a {t.type()}")
+    if t.ndim != 1 or t.numel() == 0:
+        raise InvalidTimeGridError(f"{name} must be one dimensional and non-empty, got shape {tuple(t.shape)}.")
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidTimeGridError(f"{name} contains NaN or Inf: {t.tolist()}.")
+    if len(t) > 1:
+        increasing = t[1:] > t[:-1]
+        decreasing = t[1:] < t[:-1]
+        if not (bool(increasing.all()) or bool(decreasing.all())):
+            bad = int((~increasing if bool(t[1] > t[0]) else ~decreasing).nonzero()[0])
+            raise InvalidTimeGridError(
+                f"{name} must be strictly increasing or decreasing; {name}[{bad}]={t[bad].item()!r} and "
+                f"{name}[{bad + 1}]={t[bad + 1].item()!r} break the order.")
+
+
+def check_option_values(options):
+    """Check the value of every option whose name has a rule (names are checked by the registry)."""
+    for name, value in options.items():
+        check = _OPTION_CHECKS.get(name)
+        if check is not None:
+            check(name, value)
+
+
+def _positive_number(name, value):
+    require_positive(f"option {name!r}", value, InvalidOptionError)
+
+
+def _non_negative_number(name, value):
+    if not is_real_number(value) or not float(value) >= 0:
+        raise InvalidOptionError(f"option {name!r} must be a non-negative number, got {value!r}.")
+
+
+def _at_least_one(name, value):
+    if not is_real_number(value) or not float(value) >= 1:
+        raise InvalidOptionError(f"option {name!r} must be a number >= 1, got {value!r}.")
+
+
+def _fraction(name, value):
+    require_fraction(f"option {name!r}", value, InvalidOptionError)
+
+
+def _positive_integer(name, value):
+    require_positive_int(f"option {name!r}", value, InvalidOptionError)
+
+
+def _callable(name, value):
+    if not callable(value):
+        raise InvalidOptionError(f"option {name!r} must be callable, got {value!r}.")
+
+
+def _time_points(name, value):
+    if isinstance(value, torch.Tensor):
+        finite = bool(torch.isfinite(value).all())
+    else:
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError(name)
+            finite = all(math.isfinite(float(v)) for v in value)
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"option {name!r} must be a 1-D tensor of times, got {value!r}.") from None
+    if not finite:
+        raise InvalidOptionError(f"option {name!r} contains NaN or Inf.")
+
+
+def _dtype(name, value):
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InvalidOptionError(f"option {name!r} must be a floating torch.dtype, got {value!r}.")
+
+
+def _optional_bool(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise InvalidOptionError(f"option {name!r} must be True, False or None, got {value!r}.")
+
+
+_OPTION_CHECKS = {
+    "step_size": _positive_number,
+    "first_step": _positive_number,
+    "max_step": _positive_number,
+    "min_step": _non_negative_number,
+    "safety": _positive_number,
+    "ifactor": _at_least_one,
+    "dfactor": _fraction,
+    "max_num_steps": _positive_integer,
+    "max_iters": _positive_integer,
+    "max_order": _positive_integer,
+    "grid_constructor": _callable,
+    "norm": _callable,
+    "step_t": _time_points,
+    "jump_t": _time_points,
+    "dtype": _dtype,
+    "check_every": _positive_integer,
+    "device_loop": _optional_bool,
+}
+
+
+def check_tolerance(name, tol, layout, flat_y0):
+    """A float, or an (N,) tensor for per-element (or per-tuple-entry) tolerances."""
+    if isinstance(tol, torch.Tensor) and tol.requires_grad:
+        raise InvalidToleranceError(f"{name} cannot require gradient")
+    if layout.is_tuple and isinstance(tol, (tuple, list)):
+        if len(tol) != len(layout.shapes):
+            raise InvalidToleranceError(f"If using tupled {name} it must have the same length as the tuple y0")
+        parts = [torch.as_tensor(part, dtype=torch.float64).expand(size) for part, size in zip(tol, layout.sizes)]
+        tol = torch.cat(parts)
+    if isinstance(tol, torch.Tensor) and tol.numel() != 1:
+        if tol.numel() != flat_y0.numel():
+            tol = tol.expand(layout.shapes[0]) if not layout.is_tuple else tol
+        tol = tol.reshape(-1).to(flat_y0.device)
+        if bool((tol < 0).any()):
+            raise InvalidToleranceError(f"{name} must be non-negative.")
+        return tol
+    value = float(tol)
+    if not value >= 0:
+        raise InvalidToleranceError(f"{name} must be a non-negative number, got {tol!r}.")
+    return value
+
+

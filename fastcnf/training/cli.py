@@ -1,0 +1,243 @@
+"""Command line interface: ``python -m fastcnf {info,train,sample,eval}``.
+
+    python -m fastcnf train --data 8gaussians --method ffjord --iterations 1000 --out runs/demo
+    python -m fastcnf train --out runs/demo --resume            # continue a stopped run
+    python -m fastcnf sample --checkpoint runs/demo --num 5000 --out samples.npy
+    python -m fastcnf eval --checkpoint runs/demo --split test
+    torchrun --nproc_per_node 2 -m fastcnf train ...           # one run on 2 processes (fastcnf.training.distributed)
+
+Bad input (unknown data or method, bad numbers, a missing checkpoint...) prints one line
+``fastcnf <command>: error: ...`` and exits with status 2, like argparse's own errors.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+RESUMABLE = ("iterations", "out")
+
+
+def _hidden_widths(text):
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 64,64,64, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive integers, got {text!r}")
+    return widths
+
+
+def _add_train_parser(commands):
+    from ..cnf.nets import ACTIVATIONS, LAYERS
+    from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
+    from ..ode.registry import METHODS as SOLVERS
+    from .config import DIVERGENCE_CHOICES
+    from .data import DATASET_NAMES
+    from .registry import TRAINING_METHODS
+
+    methods = ", ".join(f"{name} ({cls.summary})" for name, cls in TRAINING_METHODS.items())
+    parser = commands.add_parser("train", help="train a CNF", argument_default=argparse.SUPPRESS,
+                                 description=f"Train a CNF. Methods: {methods}. Settings not given keep the "
+                                             "defaults shown; on --resume they come from the checkpoint.")
+    group = parser.add_argument_group("data and method")
+    group.add_argument("--data", help=f"{', '.join(DATASET_NAMES)} or a .npy/.csv table (default 8gaussians)")
+    group.add_argument("--logit", action="store_true", help="logit-transform dequantized digits")
+    group.add_argument("--method", choices=tuple(TRAINING_METHODS), help="training method (default ffjord)")
+    group = parser.add_argument_group("network")
+    group.add_argument("--hidden", type=_hidden_widths, help="hidden widths (default 64,64,64)")
+    group.add_argument("--layer", choices=tuple(LAYERS), help="layer kind (default concatsquash)")
+    group.add_argument("--activation", choices=tuple(ACTIVATIONS), help="activation (default tanh)")
+    group.add_argument("--blocks", type=int, help="number of stacked CNF blocks (default 1)")
+    group.add_argument("--end-time", dest="end_time", type=float, help="T of each block (toflow: initial T; "
+                                                                        "default 0.5)")
+    group = parser.add_argument_group("solver")
+    group.add_argument("--solver", choices=tuple(SOLVERS), help="ODE method for training (default dopri5)")
+    group.add_argument("--rtol", type=float, help="relative tolerance (default 1e-5)")
+    group.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5)")
+    group.add_argument("--step-size", dest="step_size", type=float, help="step of fixed-step solvers")
+    group.add_argument("--test-solver", dest="test_solver", choices=tuple(SOLVERS), help="ODE method for evaluation")
+    group.add_argument("--test-rtol", dest="test_rtol", type=float, help="evaluation rtol (default: --rtol)")
+    group.add_argument("--test-atol", dest="test_atol", type=float, help="evaluation atol (default: --atol)")
+    group.add_argument("--no-adjoint", dest="adjoint", action="store_false", help="backpropagate through the solver")
+    group.add_argument("--seminorm", action="store_true", help="adjoint error control without parameter adjoints")
+    group.add_argument("--divergence", choices=DIVERGENCE_CHOICES,
+                       help="divergence estimator (auto: exact for 2-D, else hutchinson-gaussian)")
+    group.add_argument("--test-divergence", dest="test_divergence", choices=DIVERGENCE_CHOICES,
+                       help="estimator for evaluation (auto: exact up to 10-D)")
+    group = parser.add_argument_group("regularizers")
+    group.add_argument("--kinetic", type=float, help="kinetic energy weight (rnode default 0.01)")
+    group.add_argument("--jacobian", type=float, help="Jacobian Frobenius weight (rnode default 0.01)")
+    group.add_argument("--tpr-weight", dest="tpr_weight", type=float, help="TPR weight (tpr default 5)")
+    group.add_argument("--tpr-degree", dest="tpr_degree", type=int, help="TPR polynomial degree 1 or 2 (default 2)")
+    group.add_argument("--tpr-times", dest="tpr_times", type=int, help="TPR random times per solve (default 4)")
+    group = parser.add_argument_group("TO-FLOW")
+    group.add_argument("--time-lr", dest="time_lr", type=float, help="learning rate of T (default 0.01)")
+    group.add_argument("--time-alpha", dest="time_alpha", type=float, help="temporal regularizer weight (0.01)")
+    group.add_argument("--time-regularizer", dest="time_regularizer", choices=TIME_REGULARIZERS,
+                       help="alpha*T (linear) or alpha*T^2 (quadratic)")
+    group.add_argument("--t-min", dest="t_min", type=float, help="lower clip of T (default 0.05)")
+    group.add_argument("--t-max", dest="t_max", type=float, help="upper clip of T (default 5)")
+    group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight iterations per cycle (3)")
+    group.add_argument("--time-steps", dest="time_steps", type=int, help="T iterations per cycle (1)")
+    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule)")
+    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 1)")
+    group.add_argument("--jko-rho", dest="jko_rho", type=float, help="interval growth h_k = h_0 rho^(k-1) (1.2)")
+    group.add_argument("--jko-block-iterations", dest="jko_block_iterations", type=int,
+                       help="iterations per block while growing the stack (250)")
+    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (4)")
+    group.add_argument("--jko-tolerance", dest="jko_tolerance", type=float,
+                       help="stop growing when a block moves less (W2 proxy; 0.05, 0: never)")
+    group.add_argument("--jko-reparameterize", dest="jko_reparameterize", action="store_true",
+                       help="re-space the intervals to equal movement, then fine-tune every block")
+    group.add_argument("--jko-refine", dest="jko_refine", action="store_true",
+                       help="split every block in two halves, then fine-tune every block")
+    group.add_argument("--jko-finetune-iterations", dest="jko_finetune_iterations", type=int,
+                       help="iterations per block in the reparameterize/refine passes (100)")
+    group.add_argument("--jko-solver", dest="jko_solver", choices=tuple(SOLVERS),
+                       help="ODE method of a block (default rk4; adaptive ones use --rtol/--atol)")
+    group.add_argument("--jko-steps", dest="jko_steps", type=int, help="steps per block of fixed-grid solvers (4)")
+    group.add_argument("--jko-pool", dest="jko_pool", type=int,
+                       help="training points drawn from a toy (20000; tables and digits use their rows)")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--iterations", type=int, help="training iterations (default 1000)")
+    group.add_argument("--batch-size", "--batch", dest="batch_size", type=int,
+                       help="batch size (default 512); under torchrun the global batch, split over the processes")
+    group.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    group.add_argument("--weight-decay", dest="weight_decay", type=float, help="Adam weight decay (default 0)")
+    group.add_argument("--seed", type=int, help="random seed (default 0)")
+    group.add_argument("--device", help="cpu or cuda (default cpu)")
+    group.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", help="run directory (default runs/fastcnf)")
+    group.add_argument("--val-every", dest="val_every", type=int, help="validate every N iterations (100)")
+    group.add_argument("--val-size", dest="val_size", type=int, help="validation points (2000)")
+    group.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="checkpoint every N (100)")
+    group.add_argument("--no-plot", dest="plot", action="store_false", help="skip the final picture")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastcnf", description="Fast ODE solvers and CNF training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, C++ extension and available backends")
+    _add_train_parser(commands)
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    sample.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
+    sample.add_argument("--out", help="output .npy or .csv (default <run>/samples.npy)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+    evaluate = commands.add_parser("eval", help="negative log-likelihood of a trained run")
+    evaluate.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    evaluate.add_argument("--split", choices=("validation", "test"), default="test", help="data split (test)")
+    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=1000, help="evaluation batch (1000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the Hutchinson noise (default 0)")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    return parser
+
+
+class UsageError(ValueError):
+    """Bad command line input found after parsing."""
+
+
+def _train(args):
+    """Train, alone or as one process of a torchrun launch (then only rank 0 prints the summary)."""
+    from .config import TrainConfig
+    from .distributed import process_group
+    from .trainer import Trainer, load_resume_point, select_device
+
+    settings = vars(args).copy()
+    settings.pop("command")
+    progress = settings.pop("progress", True)
+    resume = settings.pop("resume", False)
+    if resume:
+        fixed = sorted(set(settings) - set(RESUMABLE))
+        if fixed:
+            raise UsageError(f"--{fixed[0].replace('_', '-')} cannot be changed on --resume; the run's settings "
+                             "come from its checkpoint (only --iterations may be raised).")
+        config, checkpoint = load_resume_point(settings.get("out", TrainConfig.out), settings.get("iterations"))
+    else:
+        config, checkpoint = TrainConfig(**settings), None
+    with process_group(select_device(config.device)) as world:
+        trainer = Trainer(config, progress, checkpoint, world)
+        summary = trainer.run()
+    if world.is_main:
+        test = summary["test"]
+        print(f"test NLL {test['nll']:.4f} nats ({trainer.iteration} iterations, {summary['train_seconds']:.1f} s "
+              f"training); run in {trainer.out}" + (f"; picture {summary['picture']}" if summary["picture"] else ""))
+    return 0
+
+
+def _positive_count(name, value):
+    if value < 1:
+        raise UsageError(f"--{name} must be a positive integer, got {value}.")
+
+
+def _sample(args):
+    import numpy as np
+    import torch
+
+    from .trainer import load_run
+
+    _positive_count("num", args.num)
+    out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint) else
+                                   os.path.dirname(args.checkpoint), "samples.npy")
+    if not out.endswith((".npy", ".csv")):
+        raise UsageError(f"--out must end in .npy or .csv, got {out!r}.")
+    _, model, _, _ = load_run(args.checkpoint, args.device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        samples = model.sample(args.num).cpu().numpy()
+    if out.endswith(".npy"):
+        np.save(out, samples)
+    else:
+        np.savetxt(out, samples, delimiter=",")
+    print(f"wrote {args.num} samples of dimension {samples.shape[1]} to {out}")
+    return 0
+
+
+def _evaluate(args):
+    from .trainer import evaluate_nll, load_run
+
+    _positive_count("batch-size", args.batch_size)
+    config, model, dataset, checkpoint = load_run(args.checkpoint, args.device)
+    data = dataset.validation if args.split == "validation" else dataset.test
+    nll, nfe = evaluate_nll(model, data, args.batch_size, args.seed)
+    print(json.dumps({"data": config.data, "method": config.method, "split": args.split, "points": len(data),
+                      "iteration": checkpoint["iteration"], "nll": nll, "nfe": nfe}))
+    return 0
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _evaluate}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        from .info import describe
+
+        print(describe())
+        return 0
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .trainer import TrainingDiverged
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError, DataError, CheckpointError) as error:
+        print(f"fastcnf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"fastcnf {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

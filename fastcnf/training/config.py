@@ -1,0 +1,174 @@
+"""``TrainConfig``: every setting of a training run, validated, serializable to JSON.
+
+The CLI fills it from its arguments, the trainer reads it, checkpoints store it (``as_dict``)
+so ``--resume``, ``sample`` and ``eval`` rebuild exactly the same model.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+from ..cnf.divergence import ESTIMATORS
+from ..cnf.nets import ACTIVATIONS, LAYERS
+from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
+from ..ode.registry import METHODS as SOLVERS
+from ..ode.validation import require_choice, require_non_negative, require_positive, require_positive_int
+from .data import DATASET_NAMES, TOY_DATASETS
+from .errors import ConfigError
+from .jko_schedule import JKOSettings
+from .registry import TRAINING_METHODS
+
+__all__ = ["TrainConfig", "ConfigError", "DIVERGENCE_CHOICES"]
+
+DIVERGENCE_CHOICES = ("auto",) + tuple(ESTIMATORS)
+
+_choice = partial(require_choice, error=ConfigError)
+_positive = partial(require_positive, error=ConfigError)
+_non_negative = partial(require_non_negative, error=ConfigError)
+_positive_int = partial(require_positive_int, error=ConfigError)
+
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (see ``python -m fastcnf train --help`` for each field)."""
+
+    data: str = "8gaussians"
+    method: str = "ffjord"
+    logit: bool = False
+    hidden: tuple = (64, 64, 64)
+    layer: str = "concatsquash"
+    activation: str = "tanh"
+    blocks: int = 1
+    end_time: float = 0.5
+    solver: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    step_size: float = None
+    test_solver: str = None
+    test_rtol: float = None
+    test_atol: float = None
+    adjoint: bool = True
+    seminorm: bool = False
+    divergence: str = "auto"
+    test_divergence: str = "auto"
+    kinetic: float = None
+    jacobian: float = None
+    tpr_weight: float = None
+    tpr_degree: int = 2
+    tpr_times: int = 4
+    time_lr: float = 0.01
+    time_alpha: float = 0.01
+    time_regularizer: str = "linear"
+    t_min: float = 0.05
+    t_max: float = 5.0
+    weight_steps: int = 3
+    time_steps: int = 1
+    jko_h0: float = JKOSettings.h0
+    jko_rho: float = JKOSettings.rho
+    jko_block_iterations: int = JKOSettings.block_iterations
+    jko_max_blocks: int = JKOSettings.max_blocks
+    jko_tolerance: float = JKOSettings.tolerance
+    jko_finetune_iterations: int = JKOSettings.finetune_iterations
+    jko_reparameterize: bool = JKOSettings.reparameterize
+    jko_refine: bool = JKOSettings.refine
+    jko_solver: str = "rk4"
+    jko_steps: int = 4
+    jko_pool: int = 20000
+    iterations: int = 1000
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = None
+    out: str = "runs/fastcnf"
+    val_every: int = 100
+    val_size: int = 2000
+    checkpoint_every: int = 100
+    plot: bool = True
+
+    def __post_init__(self):
+        self.hidden = tuple(self.hidden)
+        self.validate()
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown settings {sorted(unknown)}.")
+        return cls(**values)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def validate(self):
+        if self.data not in DATASET_NAMES and not str(self.data).endswith((".npy", ".csv")):
+            raise ConfigError(f"unknown dataset {self.data!r}; use one of {', '.join(DATASET_NAMES)} or a "
+                              ".npy/.csv file.")
+        _choice("method", self.method, tuple(TRAINING_METHODS))
+        _choice("layer", self.layer, tuple(LAYERS))
+        _choice("activation", self.activation, tuple(ACTIVATIONS))
+        _choice("solver", self.solver, tuple(SOLVERS))
+        if self.test_solver is not None:
+            _choice("test solver", self.test_solver, tuple(SOLVERS))
+        for solver in {self.solver, self.test_solver or self.solver}:
+            _check_step_size(solver, self.step_size)
+        _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
+        _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
+        _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)
+        _choice("jko_solver", self.jko_solver, tuple(SOLVERS))
+        if not self.hidden:
+            raise ConfigError("hidden needs at least one width, e.g. 64,64,64.")
+        for width in self.hidden:
+            _positive_int("hidden width", width)
+        for name in ("blocks", "iterations", "batch_size", "val_every", "val_size", "checkpoint_every",
+                     "weight_steps", "time_steps", "tpr_times", "jko_block_iterations", "jko_max_blocks",
+                     "jko_finetune_iterations", "jko_steps", "jko_pool"):
+            _positive_int(name, getattr(self, name))
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.tpr_degree not in (1, 2):
+            raise ConfigError(f"tpr_degree must be 1 or 2, got {self.tpr_degree!r}.")
+        if self.tpr_times < self.tpr_degree:
+            raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
+        for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho"):
+            _positive(name, getattr(self, name))
+        for name in ("step_size", "test_rtol", "test_atol"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("weight_decay", "time_alpha", "kinetic", "jacobian", "tpr_weight", "jko_tolerance"):
+            if getattr(self, name) is not None:
+                _non_negative(name, getattr(self, name))
+        if not self.t_min < self.t_max:
+            raise ConfigError(f"need t_min < t_max, got {self.t_min} and {self.t_max}.")
+        if self.method == "toflow" and not self.t_min <= self.end_time <= self.t_max:
+            raise ConfigError(f"end_time={self.end_time} must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}].")
+        if self.method == "jko" and self.data in TOY_DATASETS and self.batch_size > self.jko_pool:
+            raise ConfigError(f"batch_size={self.batch_size} exceeds jko_pool={self.jko_pool}, the training points "
+                              "of block-wise training.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        if not self.device or not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}.")
+
+
+
+
+def _check_step_size(solver, step_size):
+    accepts_step = "step_size" in SOLVERS[solver].options
+    if step_size is not None and not accepts_step:
+        raise ConfigError(f"solver {solver!r} chooses its own steps and takes no step size.")
+    if step_size is None and accepts_step:
+        raise ConfigError(f"solver {solver!r} is fixed-step: pass a step size (--step-size).")
+
+
+
+
+
+
+

@@ -1,0 +1,41 @@
+"""TrainConfig validation: every bad setting gets a ConfigError naming it."""
+
+import pytest
+
+from fastcnf.training.config import ConfigError, TrainConfig
+
+
+def test_defaults_are_valid_and_round_trip_through_a_dict():
+    config = TrainConfig()
+    assert TrainConfig.from_dict(config.as_dict()) == config
+    assert config.replace(hidden=[8, 8]).hidden == (8, 8)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(data="mnist"), "unknown dataset 'mnist'"),
+    (dict(method="sgd"), "unknown method 'sgd'"),
+    (dict(solver="rk45"), "unknown solver 'rk45'"),
+    (dict(divergence="trace"), "unknown divergence 'trace'"),
+    (dict(lr=0.0), "lr must be a positive finite number"),
+    (dict(rtol=float("nan")), "rtol must be a positive finite number"),
+    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(batch_size=2.5), "batch_size must be a positive integer"),
+    (dict(hidden=(64, 0)), "hidden width must be a positive integer"),
+    (dict(kinetic=-1.0), "kinetic must be a finite number >= 0"),
+    (dict(tpr_degree=3), "tpr_degree must be 1 or 2"),
+    (dict(tpr_times=1), "tpr_times must be >= tpr_degree=2"),
+    (dict(t_min=2.0, t_max=1.0), "need t_min < t_max"),
+    (dict(method="toflow", end_time=9.0), r"end_time=9.0 must lie in \[t_min, t_max\]"),
+    (dict(solver="rk4"), "solver 'rk4' is fixed-step: pass a step size"),
+    (dict(step_size=0.1), "solver 'dopri5' chooses its own steps"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+])
+def test_bad_settings_are_rejected(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)
+
+
+def test_fixed_step_solver_with_step_size_and_unknown_keys():
+    assert TrainConfig(solver="rk4", step_size=0.1, test_solver="rk4").step_size == 0.1
+    with pytest.raises(ConfigError, match="unknown settings"):
+        TrainConfig.from_dict({"learning_rate": 1.0})

@@ -1,0 +1,323 @@
+"""JKO-iFlow: the block objective against closed forms, one block in the graph, the stack's
+likelihood and inverse, the schedule's stopping rule, reparameterization and refinement."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from fastcnf.cnf import standard_normal_log_prob
+from fastcnf.cnf.jko import (
+    BlockSolver,
+    JKOFlow,
+    block_objective,
+    geometric_intervals,
+    movement,
+    reparameterized_intervals,
+)
+from fastcnf.cnf.nets import ODEnet
+from fastcnf.stats import track, untracked
+from fastcnf.training.config import TrainConfig
+from fastcnf.training.data import toy_sample
+from fastcnf.training.jko_data import IndexSampler, PushForwardCache
+from fastcnf.training.jko_schedule import JKOSchedule, JKOSettings
+from fastcnf.training.trainer import Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as the trainer uses on CPU (two threads on 2 shared cores are several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+W = torch.tensor([[-0.7, 0.4], [-0.3, 0.2]], dtype=torch.float64)
+B = torch.tensor([0.3, -0.5], dtype=torch.float64)
+
+
+def _affine_flow(solver, divergence="exact", intervals=(0.3, 0.5)):
+    """Blocks f(t, x) = W x + b (one 'ignore' layer), float64."""
+    net = ODEnet(2, (), "ignore").double()
+    with torch.no_grad():
+        net.layers[0].linear.weight.copy_(W)
+        net.layers[0].linear.bias.copy_(B)
+    flow = JKOFlow(net, intervals[0], solver, divergence)
+    for h in intervals[1:]:
+        flow.append_block(h)
+    return flow
+
+
+def _rk4_affine_map(x, weight, bias, h, steps):
+    """rk4 on x' = W x + b is the Taylor polynomial of the flow: x + s (I + sW/2 + s^2W^2/6 + s^3W^3/24)(Wx + b)."""
+    s = h / steps
+    eye = torch.eye(2, dtype=torch.float64)
+    phi = eye + s * weight / 2 + s ** 2 * weight @ weight / 6 + s ** 3 * weight @ weight @ weight / 24
+    for _ in range(steps):
+        x = x + s * (x @ weight.T + bias) @ phi.T
+    return x
+
+
+def _exact_affine_map(x, weight, bias, h):
+    """x(h) = e^{hW} x + W^{-1} (e^{hW} - I) b."""
+    expm = torch.linalg.matrix_exp(h * weight)
+    shift = torch.linalg.solve(weight, (expm - torch.eye(2, dtype=torch.float64)) @ bias)
+    return x @ expm.T + shift
+
+
+def _closed_form_loss(x, x_next, divergence_integral, h):
+    return (0.5 * x_next.pow(2).sum(1) - divergence_integral + (x_next - x).pow(2).sum(1) / (2 * h)).mean()
+
+
+def test_block_objective_of_linear_dynamics_equals_the_closed_form_rk4_map():
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    flow = _affine_flow(BlockSolver("rk4", steps=4))
+    objective = block_objective(flow, 1, x)  # the second block: interval [0.3, 0.8]
+    x_next = _rk4_affine_map(x, W, B, 0.5, 4)
+    torch.testing.assert_close(objective.x, x_next, rtol=1e-12, atol=1e-12)
+    trace = float(torch.trace(W))
+    torch.testing.assert_close(objective.delta_logp, torch.full((64,), -0.5 * trace, dtype=torch.float64))
+    expected = _closed_form_loss(x, x_next, 0.5 * trace, 0.5)
+    torch.testing.assert_close(objective.loss, expected, rtol=1e-12, atol=1e-12)
+    assert objective.displacement.item() == pytest.approx((x_next - x).pow(2).sum(1).mean().item(), rel=1e-12)
+    assert movement(x, objective.x) == pytest.approx(math.sqrt(objective.displacement.item()), rel=1e-12)
+
+
+def test_block_objective_and_its_gradient_match_the_exact_flow_map():
+    """dopri5 at tight tolerances against e^{hW}; the gradient against autograd of the closed form."""
+    torch.manual_seed(1)
+    x = torch.randn(32, 2, dtype=torch.float64)
+    flow = _affine_flow(BlockSolver("dopri5", rtol=1e-11, atol=1e-11))
+    objective = block_objective(flow, 1, x)
+    objective.loss.backward()
+    layer = flow.nets[1].layers[0].linear
+    weight, bias = W.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    expected = _closed_form_loss(x, _exact_affine_map(x, weight, bias, 0.5), 0.5 * torch.trace(weight), 0.5)
+    expected.backward()
+    torch.testing.assert_close(objective.loss, expected.detach(), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-6, atol=1e-8)
+    assert flow.nets[0].layers[0].linear.weight.grad is None  # block 0 was not part of the graph
+
+
+def test_hutchinson_block_divergence_is_the_quadratic_form_of_its_noise():
+    x = torch.randn(16, 2, dtype=torch.float64)
+    flow = _affine_flow(BlockSolver("rk4", steps=2), divergence="hutchinson-rademacher")
+    torch.manual_seed(5)
+    noise = torch.randint_like(x, 0, 2).mul_(2).sub_(1)
+    torch.manual_seed(5)
+    objective = block_objective(flow, 0, x)
+    quadratic = ((noise @ W.T) * noise).sum(1)
+    torch.testing.assert_close(objective.delta_logp, -0.3 * quadratic, rtol=1e-12, atol=1e-12)
+
+
+def _net_flow(blocks, hidden=(32, 32), seed=0):
+    torch.manual_seed(seed)
+    flow = JKOFlow(ODEnet(2, hidden, "concatsquash", "softplus"), 0.3, BlockSolver("rk4", 3), "hutchinson-gaussian",
+                   "exact")
+    for k in range(1, blocks):
+        flow.append_block(0.3 * 1.5 ** k)
+        with torch.no_grad():  # distinct blocks
+            for p in flow.nets[k].parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return flow
+
+
+def _saved_bytes(compute):
+    """Bytes autograd saves for backward while ``compute()`` runs."""
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = compute()
+    return saved[0], result
+
+
+def test_training_memory_is_one_block_whatever_the_depth():
+    flow = _net_flow(5)
+    pool = torch.from_numpy(toy_sample("8gaussians", 512, 0)).float()
+    cache = PushForwardCache(pool)
+    measured = {}
+    for block in (0, 4):
+        cache.rebuild(flow, block, seed=0)
+        flow.train_only(block)
+        bytes_saved, objective = _saved_bytes(lambda: block_objective(flow, block, cache.batch(torch.arange(256))[0]))
+        objective.loss.backward()
+        with_grad = {k for k, net in enumerate(flow.nets) if any(p.grad is not None for p in net.parameters())}
+        assert with_grad == {block}
+        flow.zero_grad(set_to_none=True)
+        measured[block] = bytes_saved
+    assert measured[4] == measured[0] > 0
+    flow.requires_grad_(True)
+    end_to_end, _ = _saved_bytes(lambda: flow.log_prob(pool[:256]).mean())
+    assert end_to_end > 4.5 * measured[0]  # the measure sees five blocks when five are in the graph
+
+
+def test_refinement_split_keeps_the_flow_and_state_dicts_resize_the_stack():
+    flow = _net_flow(3).eval()
+    x = torch.from_numpy(toy_sample("moons", 200, 1)).float()
+    before = flow.log_prob(x)
+    z_before, _ = flow(x)
+    flow.split_block(1)
+    assert flow.num_blocks == 4 and flow.intervals[1] == flow.intervals[2] == pytest.approx(0.3 * 1.5 / 2)
+    assert flow.boundaries()[-1] == pytest.approx(0.3 + 0.45 + 0.675)
+    for a, b in zip(flow.nets[1].parameters(), flow.nets[2].parameters()):
+        assert torch.equal(a, b)
+    z_after, _ = flow(x)
+    torch.testing.assert_close(z_after, z_before, rtol=0, atol=2e-3)  # rk4 on a finer grid
+    torch.testing.assert_close(flow.log_prob(x), before, rtol=0, atol=2e-3)
+    fresh = _net_flow(1, seed=3).eval()
+    fresh.load_state_dict(flow.state_dict())
+    assert fresh.intervals == flow.intervals and fresh.num_blocks == 4
+    torch.testing.assert_close(fresh.log_prob(x), flow.log_prob(x), rtol=0, atol=0)
+    with pytest.raises(IndexError, match="block index 4 out of range for 4 blocks"):
+        flow.split_block(4)
+
+
+def test_warm_start_copies_the_previous_block_and_times_follow_the_intervals():
+    flow = _net_flow(1)
+    index = flow.append_block(0.45)
+    assert index == 1 and flow.block_times(1) == pytest.approx((0.3, 0.75))
+    for a, b in zip(flow.nets[0].parameters(), flow.nets[1].parameters()):
+        assert torch.equal(a, b) and a is not b
+    assert geometric_intervals(0.3, 1.5, 3) == pytest.approx((0.3, 0.45, 0.675))
+
+
+def test_reparameterized_intervals_keep_the_total_and_follow_h_over_movement():
+    new = reparameterized_intervals((0.1, 0.2, 0.4), (0.5, 0.5, 0.25))
+    # weights h/m = (0.2, 0.4, 1.6); scaled to the total 0.7
+    assert new == pytest.approx((0.2 * 0.7 / 2.2, 0.4 * 0.7 / 2.2, 1.6 * 0.7 / 2.2))
+    assert sum(new) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="one movement per interval"):
+        reparameterized_intervals((0.1, 0.2), (0.5,))
+
+
+def _train_schedule(flow, pool, settings, batch_size=256):
+    """Run the schedule on ``pool`` as the trainer does; returns it and {phase: block movements in it}."""
+    cache = PushForwardCache(pool)
+    schedule = JKOSchedule(flow, cache, settings, lr=2e-2, seed=0)
+    sampler = IndexSampler(len(pool), batch_size, seed=0)
+    while not schedule.finished:
+        schedule.begin(0)
+        block_objective(flow, schedule.block, cache.batch(sampler.next())[0]).loss.backward()
+        schedule.step()
+    moved = {}
+    for record in schedule.history:
+        moved.setdefault(record["phase"], []).append(record["movement"])
+    return schedule, moved
+
+
+def _spread(values):
+    return max(values) / min(values)
+
+
+def test_reparameterization_equalizes_the_block_movements():
+    torch.manual_seed(0)
+    flow = JKOFlow(ODEnet(2, (), "ignore"), 0.05, BlockSolver("rk4", 2), "exact")
+    pool = torch.from_numpy(toy_sample("8gaussians", 2048, 0)).float()
+    settings = JKOSettings(h0=0.05, rho=4.0, block_iterations=120, max_blocks=3, tolerance=0.0,
+                           finetune_iterations=120, reparameterize=True)
+    schedule, ended = _train_schedule(flow, pool, settings)
+    assert schedule.finished and flow.num_blocks == 3
+    grown, reparameterized = ended["grow"], ended["reparameterize"]
+    assert sum(flow.intervals) == pytest.approx(0.05 * (1 + 4 + 16))
+    assert _spread(grown) > 2.0, grown
+    assert _spread(reparameterized) < 1.3, reparameterized
+
+
+def test_stopping_rule_and_refinement():
+    torch.manual_seed(0)
+    pool = torch.from_numpy(toy_sample("8gaussians", 1024, 0)).float()
+    flow = JKOFlow(ODEnet(2, (), "ignore"), 0.5, BlockSolver("rk4", 2), "exact")
+    settings = JKOSettings(h0=0.5, rho=1.0, block_iterations=30, max_blocks=10, tolerance=0.3,
+                           finetune_iterations=10, refine=True)
+    schedule, ended = _train_schedule(flow, pool, settings)
+    grown = ended["grow"]
+    assert grown[-1] < 0.3 and all(m >= 0.3 for m in grown[:-1]) and 1 < len(grown) < 10  # stopped below 0.3
+    assert flow.num_blocks == 2 * len(grown) and flow.intervals == pytest.approx((0.25,) * flow.num_blocks)
+    assert all(m is not None for m in schedule.movements) and schedule.optimizer is None
+    with pytest.raises(RuntimeError, match="schedule is complete"):
+        schedule.begin(0)
+
+
+def test_trained_stack_beats_the_base_distribution_and_inverts(tmp_path):
+    config = TrainConfig(method="jko", data="8gaussians", hidden=(32, 32), activation="softplus", batch_size=256,
+                         lr=1e-2, jko_h0=0.5, jko_rho=1.2, jko_block_iterations=60, jko_max_blocks=4, jko_steps=3,
+                         jko_pool=4000, jko_tolerance=0.0, iterations=1000, val_every=1000, val_size=500, plot=False,
+                         out=str(tmp_path))
+    trainer = Trainer(config, progress=False)
+    summary = trainer.run()
+    assert trainer.iteration == 240 and trainer.model.num_blocks == 4  # the schedule ended the run
+    test = trainer.dataset.test
+    base_nll = -standard_normal_log_prob(test).mean().item()  # about 5.9 nats
+    assert summary["test"]["nll"] < base_nll - 1.5, (summary["test"], base_nll)
+
+    flow = trainer.model.eval()
+    x = test[:500]
+    with torch.no_grad():
+        z, delta_logp = flow(x)
+        x_back = flow.inverse(z)
+        x_again, log_p = flow.inverse(z, standard_normal_log_prob(z))
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-4)  # reverse-time rk4 solves
+    torch.testing.assert_close(x_again, x_back, rtol=0, atol=1e-6)
+    torch.testing.assert_close(log_p, standard_normal_log_prob(z) - delta_logp, rtol=0, atol=5e-4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        radius = flow.sample(2000).norm(dim=1)
+    assert 2.0 < radius.mean().item() < 3.6  # the modes sit at radius 2.83
+
+
+def test_cache_rebuilt_from_scratch_equals_the_incremental_pushes_and_leaves_the_rng_alone():
+    flow = _net_flow(3)
+    flow.test_estimator = flow.train_estimator  # Hutchinson: the pushes draw noise from their own seeds
+    pool = torch.from_numpy(toy_sample("pinwheel", 300, 2)).float()
+    incremental = PushForwardCache(pool, chunk_size=128)
+    incremental.reset(flow)
+    torch.manual_seed(11)
+    moved = [incremental.advance(flow, seed=4) for _ in range(3)]
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    rebuilt = PushForwardCache(pool, chunk_size=128)
+    with track() as stats, untracked():
+        rebuilt.rebuild(flow, 3, seed=4)
+    assert stats.nfe_forward == 0 and torch.equal(torch.rand(3), after)
+    assert torch.equal(rebuilt.x, incremental.x) and torch.equal(rebuilt.delta_logp, incremental.delta_logp)
+    assert moved[0] == pytest.approx(movement(pool, flow.block_forward(0, pool, estimator="exact")[0]), rel=1e-5)
+    rebuilt.reset(flow)
+    with track() as stats:
+        rebuilt.advance(flow, seed=4)
+    assert stats.nfe_forward == 3 * 12  # 3 chunks x 3 rk4 steps x 4 stages: counted outside untracked()
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: JKOSettings(h0=0.0), ValueError, "jko h0 must be a positive finite number, got 0.0"),
+    (lambda: JKOSettings(max_blocks=0), ValueError, "jko max blocks must be a positive integer, got 0"),
+    (lambda: JKOSettings(tolerance=-1.0), ValueError, "jko tolerance must be a finite number >= 0"),
+    (lambda: JKOSettings(refine=1), ValueError, "jko refine must be True or False"),
+    (lambda: BlockSolver("rk4", steps=0), ValueError, "steps must be a positive integer, got 0"),
+    (lambda: BlockSolver("rk5"), ValueError, 'Invalid method "rk5"'),
+    (lambda: JKOFlow(ODEnet(2, (4,)), interval=-0.5), ValueError, "interval must be a positive finite number"),
+    (lambda: JKOFlow(ODEnet(2, (4,)), 1.0).set_intervals([1.0, 2.0]), ValueError, "need 1 intervals, got 2"),
+    (lambda: JKOSchedule(_net_flow(1).nets[0], PushForwardCache(), JKOSettings()), TypeError, "trains a JKOFlow"),
+])
+def test_bad_jko_arguments_are_named(build, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        build()
+
+
+def test_jko_refuses_a_sharded_run():
+    """Under torchrun every process would cache only its own rows of the pushed-forward pool."""
+    from fastcnf.training.config import ConfigError
+    from fastcnf.training.data import load_dataset
+    from fastcnf.training.registry import TRAINING_METHODS
+    from fastcnf.training.sharding import Shard
+
+    config = TrainConfig(method="jko", data="8gaussians")
+    with pytest.raises(ConfigError, match="torchrun"):
+        TRAINING_METHODS["jko"]().sampler(load_dataset("8gaussians"), config, Shard(rank=1, size=2))

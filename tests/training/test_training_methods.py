@@ -1,0 +1,80 @@
+"""Training methods: the models and optimizations they build and the losses they return."""
+
+import pytest
+import torch
+
+from fastcnf.cnf import SequentialFlow
+from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
+from fastcnf.cnf.toflow import CoordinateDescent, TerminalTime
+from fastcnf.training.config import TrainConfig
+from fastcnf.training.registry import TRAINING_METHODS
+from fastcnf.training.training_methods import OptimizerStep, resolve_divergence
+
+SMALL = dict(hidden=(8,), rtol=1e-3, atol=1e-3, blocks=2)
+
+
+def _build(method, **changes):
+    config = TrainConfig(method=method, **{**SMALL, **changes})
+    model = TRAINING_METHODS[method]().build_model(config, 2)
+    return config, model
+
+
+def _regularizer_types(model):
+    return [type(r) for r in model.blocks[0].regularizers]
+
+
+def test_method_defaults():
+    assert _regularizer_types(_build("ffjord")[1]) == []
+    assert _regularizer_types(_build("rnode")[1]) == [KineticEnergy, JacobianFrobenius]
+    assert _regularizer_types(_build("tpr")[1]) == [TrajectoryPolynomial]
+    assert _build("tpr")[1].blocks[0].regularizers[0].weight == 5.0
+    assert all(isinstance(block.terminal_time, TerminalTime) for block in _build("toflow")[1].blocks)
+    assert all(block.terminal_time is None for block in _build("ffjord")[1].blocks)
+
+
+def test_explicit_weights_combine_with_any_method():
+    _, model = _build("toflow", tpr_weight=2.0, kinetic=0.1)
+    assert _regularizer_types(model) == [KineticEnergy, TrajectoryPolynomial]
+    _, model = _build("rnode", jacobian=0.0)
+    assert _regularizer_types(model) == [KineticEnergy]
+
+
+def test_model_uses_config_settings():
+    config, model = _build("ffjord", seminorm=True, test_rtol=1e-6, divergence="hutchinson-rademacher")
+    assert isinstance(model, SequentialFlow) and len(model.blocks) == 2
+    block = model.blocks[0]
+    assert block.train_solver.rtol == 1e-3 and block.test_solver.rtol == 1e-6 and block.test_solver.atol == 1e-3
+    assert block.train_solver.adjoint_options == {"norm": "seminorm"}
+    assert block.train_estimator.name == "hutchinson-rademacher" and block.test_estimator.name == "exact"
+
+
+def test_auto_divergence():
+    assert resolve_divergence("auto", 2) == "exact"
+    assert resolve_divergence("auto", 64) == "hutchinson-gaussian"
+    assert resolve_divergence("auto", 8, test=True, train_name="hutchinson-gaussian") == "exact"
+    assert resolve_divergence("auto", 64, test=True, train_name="fd-gaussian") == "fd-gaussian"
+
+
+@pytest.mark.parametrize("method", sorted(set(TRAINING_METHODS) - {"jko"}))  # block-wise jko: tests/test_jko*.py
+def test_loss_and_one_optimization_step(method):
+    torch.manual_seed(0)
+    config, model = _build(method, time_steps=1, weight_steps=1)
+    method_object = TRAINING_METHODS[method]()
+    optimization = method_object.build_optimization(model, config)
+    expected = CoordinateDescent if method == "toflow" else OptimizerStep
+    assert isinstance(optimization, expected)
+    batch = torch.randn(32, 2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for iteration in range(2):  # toflow: a weight phase, then a time phase
+        phase = optimization.begin(iteration)
+        loss, metrics = method_object.loss(model, batch)
+        loss.backward()
+        optimization.step()
+        assert torch.isfinite(loss)
+        assert metrics["nll"] + metrics["regularization"] == pytest.approx(loss.item(), rel=1e-6)
+        assert metrics["end_time"] == pytest.approx(1.0, rel=0.1)  # two blocks of T = 0.5
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any("net" in name for name in changed)
+    assert any("terminal_time" in name for name in changed) == (method == "toflow")
+    if method == "toflow":
+        assert phase == "time"

@@ -171,11 +171,18 @@ class _SeparateStages:
         return out
 
 
+def _native_rule(rule):
+    """The C++ twin of a ``fastcnf.ode.control.StepRule``."""
+    return _C.StepRule(order=float(rule.order), safety=float(rule.safety), ifactor=float(rule.ifactor),
+                       dfactor=float(rule.dfactor), min_step=float(rule.min_step), max_step=float(rule.max_step),
+                       pi=bool(rule.pi), pcoeff=float(rule.pcoeff), icoeff=float(rule.icoeff))
+
+
 class CppStepController:
     """The C++ scaled error ratio fused with the accept/reject rule (twin of the Python reference).
 
-    ``step(y0, y1, stages, dt)`` -> ``(accept, dt_next, error_ratio, status)`` with ``status`` an
-    int of ``native_status_codes()``.
+    ``step(y0, y1, stages, dt, last_ratio)`` -> ``(accept, dt_next, error_ratio, status, last_ratio)`` with
+    ``status`` an int of ``native_status_codes()``.
     """
 
     def __init__(self, error_weights, rtol, atol, norm, rule, dtype, numel):
@@ -183,16 +190,14 @@ class CppStepController:
         self.dtype, self.numel, self.rows = dtype, int(numel), len(error_weights)
         self._cpp = _C.StepController(
             error_weights=list(error_weights), rtol=float(rtol), atol=float(atol), segment_ends=list(norm.ends),
-            segment_skip=list(norm.skip), order=rule.order, safety=rule.safety, ifactor=rule.ifactor,
-            dfactor=rule.dfactor, min_step=rule.min_step, max_step=rule.max_step, is_double=dtype == torch.float64)
+            segment_skip=list(norm.skip), rule=_native_rule(rule), is_double=dtype == torch.float64)
 
-    def step(self, y0, y1, stages, dt):
+    def step(self, y0, y1, stages, dt, last_ratio=1.0):
         n, dtype = self.numel, self.dtype
         return self._cpp.step(_pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1"),
-                              _stage_rows(stages, dtype, self.rows, n, "stages"), n, dt)
+                              _stage_rows(stages, dtype, self.rows, n, "stages"), n, float(dt), float(last_ratio))
 
 
-def cpp_propose_step(error_ratio, dt, rule):
-    """The C++ accept/reject rule alone (no tensors cross): ``(accept, dt_next, status)``."""
-    return _C.propose_step(error_ratio, dt, rule.order, rule.safety, rule.ifactor, rule.dfactor, rule.min_step,
-                           rule.max_step)
+def cpp_propose_step(error_ratio, dt, rule, last_ratio=1.0):
+    """The C++ accept/reject rule alone (no tensors cross): ``(accept, dt_next, status, last_ratio)``."""
+    return _C.propose_step(float(error_ratio), float(dt), _native_rule(rule), float(last_ratio))

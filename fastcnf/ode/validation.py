@@ -21,6 +21,7 @@ from ..errors import (
     InvalidToleranceError,
     NonFiniteStateError,
 )
+from .control.interface import CONTROLLERS
 
 __all__ = ["is_real_number", "require_positive", "require_non_negative", "require_positive_int", "require_choice",
            "require_bool", "require_fraction", "check_state", "check_finite_state", "check_time", "check_option_values",
@@ -178,6 +179,10 @@ def _dtype(name, value):
         raise InvalidOptionError(f"option {name!r} must be a floating torch.dtype, got {value!r}.")
 
 
+def _controller(name, value):
+    require_choice(f"option {name!r}", value, CONTROLLERS, InvalidOptionError)
+
+
 def _optional_bool(name, value):
     if value is not None and not isinstance(value, bool):
         raise InvalidOptionError(f"option {name!r} must be True, False or None, got {value!r}.")
@@ -201,6 +206,9 @@ _OPTION_CHECKS = {
     "dtype": _dtype,
     "check_every": _positive_integer,
     "device_loop": _optional_bool,
+    "controller": _controller,
+    "pcoeff": _non_negative_number,
+    "icoeff": _positive_number,
 }
 
 

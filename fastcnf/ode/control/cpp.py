@@ -14,6 +14,6 @@ class CppController(StepSizeController):
         super().__init__(rule, error_weights, rtol, atol, norm)
         self.native = CppStepController(self.error_weights, rtol, atol, norm, rule, dtype, numel)
 
-    def adapt(self, y0, y1, stages, dt):
-        accept, dt_next, ratio, status = self.native.step(y0, y1, stages, dt)
-        return Decision(accept, dt_next, ratio, Status(status))
+    def adapt(self, y0, y1, stages, dt, last_ratio=1.0):
+        accept, dt_next, ratio, status, last_ratio = self.native.step(y0, y1, stages, dt, last_ratio)
+        return Decision(accept, dt_next, ratio, Status(status), last_ratio)

@@ -61,7 +61,7 @@ def activation_slope(name, x, out=None):
     """
     if name == "tanh":
         value = torch.sigmoid(torch.mul(x, 2), out=out).mul_(2).sub_(1)
-        return value, torch.mul(value, value).neg_().add_(1)
+        return value, torch.rsub(value * value, 1)
     if name == "softplus":
         slope = torch.sigmoid(x).masked_fill_(x > SOFTPLUS_THRESHOLD, 1.0)
         return _into(F.softplus(x), out), slope
@@ -96,17 +96,21 @@ def _curvature(name, x, value, slope):
 
 
 # ------------------------------------------------------------------------------- passes
-def _probe_rows(z, probes):
-    """The (P + 1, B, D) input stack [z; u_1; ...; u_P] (unit vectors when ``probes`` is None)."""
-    batch, dim = z.shape
-    count = dim if probes is None else probes.shape[0]
-    stack = z.new_empty((count + 1, batch, dim))
-    stack[0] = z
+def _first_layer(weight, bias, z, probes):
+    """Layer 0's output stack (P + 1, B, out) and the input its weight gradient needs.
+
+    Unit probes need no product: their tangents are the columns of W (broadcast over the batch), and
+    the weight gradient needs only z. Given probes are stacked under z: [z; u_1; ...; u_P].
+    """
     if probes is None:
-        stack[1:].zero_().diagonal(dim1=0, dim2=2).fill_(1.0)
-    else:
-        stack[1:] = probes
-    return stack
+        out = z.new_empty((z.shape[1] + 1, z.shape[0], weight.shape[0]))
+        torch.addmm(bias, z, weight.t(), out=out[0])
+        out[1:].copy_(weight.t()[:, None, :])
+        return out, z
+    stack = torch.cat([z[None], probes])
+    out = torch.matmul(stack, weight.t())
+    out[0].add_(bias)
+    return out, stack
 
 
 def _trace(tangents, probes):
@@ -119,26 +123,28 @@ def _trace(tangents, probes):
 def tangent_forward(weights, biases, activation, z, probes=None, frobenius=False, save=False):
     """The forward pass; returns ``(f, trace, frobenius or None, saved)``.
 
-    ``saved`` (None unless ``save``) holds, per layer, its input stack (P + 1, B, in) and, per hidden
-    layer, its output stack (pre-activation and tangents, (P + 1, B, out)) and act'(pre) (B, out):
-    what ``tangent_backward`` needs.
+    ``saved`` (None unless ``save``) holds, per layer, its input (layer 0: z for unit probes, else
+    the stack [z; probes]; later layers: the (P + 1, B, in) stack [h; v]) and, per hidden layer, its
+    output stack (pre-activation and tangents, (P + 1, B, out)) and act'(pre) (B, out): what
+    ``tangent_backward`` needs.
     """
-    stack = _probe_rows(z, probes)
     inputs, outputs, slopes = [], [], []
     last = len(weights) - 1
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
-        if save:
+        if layer == 0:
+            out, first_input = _first_layer(weight, bias, z, probes)
+            inputs.append(first_input)
+        else:
             inputs.append(stack)
-        out = torch.matmul(stack, weight.t())
-        out[0].add_(bias)
+            out = torch.matmul(stack, weight.t())
+            out[0].add_(bias)
         if layer == last:
             break
         stack = torch.empty_like(out)
         _, slope = activation_slope(activation, out[0], out=stack[0])
         torch.mul(out[1:], slope, out=stack[1:])
-        if save:
-            outputs.append(out)
-            slopes.append(slope)
+        outputs.append(out)
+        slopes.append(slope)
     tangents = out[1:]
     trace = _trace(tangents, probes)
     squares = tangents.square().sum(dim=(0, 2)) if frobenius else None
@@ -171,11 +177,10 @@ def tangent_backward(saved, weights, activation, probes, grad_f, grad_trace, gra
     num_layers = len(weights)
     grad_weights, grad_biases = [None] * num_layers, [None] * num_layers
     for layer in reversed(range(num_layers)):
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_weights[layer] = flat.t() @ inputs[layer].reshape(-1, inputs[layer].shape[-1])
         grad_biases[layer] = grad[0].sum(dim=0)
         if layer == 0:
             break
+        grad_weights[layer] = grad.reshape(-1, grad.shape[-1]).t() @ inputs[layer].reshape(-1, inputs[layer].shape[-1])
         grad = torch.matmul(grad, weights[layer])  # [d h; d v] of the layer below
         out, slope = outputs[layer - 1], slopes[layer - 1]
         curvature = _curvature(activation, out[0], inputs[layer][0], slope)
@@ -184,10 +189,14 @@ def tangent_backward(saved, weights, activation, probes, grad_f, grad_trace, gra
     weight = weights[0]
     grad_z = grad[0] @ weight
     grad_probes = None
-    if probes_grad:
-        grad_probes = torch.matmul(grad[1:], weight)
-        if grad_trace is not None:
-            grad_probes += grad_trace[None, :, None] * tangents
+    if probes is None:  # d W_0 = d pre^T z + the tangent rows summed into the unit probes' columns
+        grad_weights[0] = torch.addmm(grad[1:].sum(dim=1).t(), grad[0].t(), inputs[0])
+    else:
+        grad_weights[0] = grad.reshape(-1, grad.shape[-1]).t() @ inputs[0].reshape(-1, inputs[0].shape[-1])
+        if probes_grad:
+            grad_probes = torch.matmul(grad[1:], weight)
+            if grad_trace is not None:
+                grad_probes += grad_trace[None, :, None] * tangents
     return grad_z, grad_probes, grad_weights, grad_biases
 
 

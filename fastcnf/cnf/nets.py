@@ -70,39 +70,71 @@ class ConcatSquashLinear(nn.Module):
         time = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1)
         return self.linear(x) * torch.sigmoid(self.gate(time)) + self.shift(time)
 
+    def fold_parameters(self):
+        """The parameters the fold reads: W, b, a, c, d."""
+        return self.linear.weight, self.linear.bias, self.gate.weight, self.gate.bias, self.shift.weight
+
     def affine(self, t):
         """(W, b) of the map x -> W x + b this layer is at time t (one ``SquashFold`` node under autograd)."""
-        time = _time_scalar(t, self.linear.weight)
-        params = (self.linear.weight, self.linear.bias, self.gate.weight, self.gate.bias, self.shift.weight)
-        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (time, *params)):
-            return SquashFold.apply(time, *params)
-        return squash_fold(time, *params)[:2]
+        return fold_squash_layers(_time_scalar(t, self.linear.weight), [self])[0]
 
 
-def squash_fold(time, weight, bias, gate_weight, gate_bias, shift_weight):
-    """(diag(g) W, g b + d t, g) with g = sigmoid(a t + c), for a (1,) ``time`` tensor."""
-    gate = torch.sigmoid(torch.addcmul(gate_bias, gate_weight.view(-1), time))
-    return weight * gate[:, None], torch.addcmul(bias * gate, shift_weight.view(-1), time), gate
+def fold_squash_layers(time, layers):
+    """[(W_eff, b_eff)] of concatsquash ``layers`` at the (1,) tensor ``time``; one graph node under autograd."""
+    params = [param for layer in layers for param in layer.fold_parameters()]
+    if torch.is_grad_enabled() and (time.requires_grad or any(param.requires_grad for param in params)):
+        folded = SquashFold.apply(time, *params)
+    else:
+        folded = _fold_packed(time, params)[0]
+    return list(zip(folded[:len(layers)], folded[len(layers):]))
+
+
+def _fold_packed(time, params):
+    """(diag(g) W, g b + d t) with g = sigmoid(a t + c) for every layer (five parameters each), the per-output
+    vectors of all layers concatenated so that their arithmetic runs once.
+
+    Returns ((W_eff..., b_eff...), what the backward needs).
+    """
+    weights = params[0::5]
+    sizes = [weight.shape[0] for weight in weights]
+    bias, gate_weight, gate_bias, shift = (torch.cat([param.reshape(-1) for param in params[k::5]]) for k in range(1, 5))
+    gate = torch.sigmoid(torch.addcmul(gate_bias, gate_weight, time))
+    bias_eff = torch.addcmul(bias * gate, shift, time)
+    gates = gate.split(sizes)
+    folded = (*(weight * g[:, None] for weight, g in zip(weights, gates)), *bias_eff.split(sizes))
+    return folded, (weights, bias, gate_weight, shift, gate, sizes)
 
 
 class SquashFold(torch.autograd.Function):
-    """``squash_fold`` as one graph node: (W_eff, b_eff) with gradients for the five parameters and t."""
+    """The concatsquash fold of several layers as one graph node: ``apply(time, *five parameters per layer)``
+    -> (W_eff of every layer, then b_eff of every layer), with gradients for every parameter and t."""
 
     @staticmethod
-    def forward(ctx, time, weight, bias, gate_weight, gate_bias, shift_weight):
-        weight_eff, bias_eff, gate = squash_fold(time, weight, bias, gate_weight, gate_bias, shift_weight)
-        ctx.save_for_backward(time, weight, bias, gate_weight, shift_weight, gate)
-        return weight_eff, bias_eff
+    def forward(ctx, time, *params):
+        folded, (weights, bias, gate_weight, shift, gate, sizes) = _fold_packed(time, params)
+        ctx.sizes = sizes
+        ctx.save_for_backward(time, bias, gate_weight, shift, gate, *weights)
+        return folded
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_weight_eff, grad_bias_eff):
-        time, weight, bias, gate_weight, shift_weight, gate = ctx.saved_tensors
-        grad_gate = (grad_weight_eff * weight).sum(dim=1) + grad_bias_eff * bias
-        grad_pre = grad_gate * gate * (1 - gate)  # through the sigmoid
-        grad_time = (grad_pre @ gate_weight.view(-1) + grad_bias_eff @ shift_weight.view(-1)).reshape(1)
-        return (grad_time, grad_weight_eff * gate[:, None], grad_bias_eff * gate, (grad_pre * time)[:, None], grad_pre,
-                (grad_bias_eff * time)[:, None])
+    def backward(ctx, *grads):
+        time, bias, gate_weight, shift, gate, *weights = ctx.saved_tensors
+        count, sizes = len(weights), ctx.sizes
+        grad_weights_eff, grad_bias_eff = grads[:count], torch.cat(grads[count:])
+        gates = gate.split(sizes)
+        grad_gate = torch.cat([(g * w).sum(dim=1) for g, w in zip(grad_weights_eff, weights)])
+        grad_pre = grad_gate.addcmul_(grad_bias_eff, bias).mul_(gate * (1 - gate))  # through the sigmoid
+        grad_time = (grad_pre.dot(gate_weight) + grad_bias_eff.dot(shift)).reshape(1)
+        grad_bias = (grad_bias_eff * gate).split(sizes)
+        grad_gate_weight = (grad_pre * time).split(sizes)
+        grad_shift = (grad_bias_eff * time).split(sizes)
+        grad_gate_bias = grad_pre.split(sizes)
+        grad_params = []
+        for layer, (grad_weight_eff, g) in enumerate(zip(grad_weights_eff, gates)):
+            grad_params += [grad_weight_eff * g[:, None], grad_bias[layer], grad_gate_weight[layer][:, None],
+                            grad_gate_bias[layer], grad_shift[layer][:, None]]
+        return (grad_time, *grad_params)
 
 
 class IgnoreLinear(nn.Module):
@@ -169,10 +201,15 @@ class ODEnet(nn.Module):
     def mlp_spec(self, t):
         """The net at time ``t`` (float or tensor) as an ``MLPSpec`` of affine layers (no time columns).
 
-        The effective weights and biases are computed from the parameters with autograd-tracked ops,
-        so gradients through them reach the parameters and ``t``.
+        The effective weights and biases are computed from the parameters under autograd (all
+        concatsquash layers in one ``SquashFold`` node), so gradients through them reach the
+        parameters and ``t``.
         """
-        layers = [layer.affine(t) for layer in self.layers]
+        time = _time_scalar(t, self.layers[0].linear.weight)
+        squash = [layer for layer in self.layers if isinstance(layer, ConcatSquashLinear)]
+        folded = iter(fold_squash_layers(time, squash) if squash else ())
+        layers = [next(folded) if isinstance(layer, ConcatSquashLinear) else layer.affine(time)
+                  for layer in self.layers]
         return MLPSpec(tuple(weight for weight, _ in layers), tuple(bias for _, bias in layers), self.activation,
                        "none")
 

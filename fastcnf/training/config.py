@@ -11,6 +11,7 @@ from functools import partial
 from ..cnf.divergence import ESTIMATORS
 from ..cnf.nets import ACTIVATIONS, LAYERS
 from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
+from ..ode.control import CONTROLLERS
 from ..ode.registry import METHODS as SOLVERS
 from ..ode.validation import require_choice, require_non_negative, require_positive, require_positive_int
 from .data import DATASET_NAMES, TOY_DATASETS
@@ -50,6 +51,7 @@ class TrainConfig:
     test_atol: float = None
     adjoint: bool = True
     seminorm: bool = False
+    controller: str = "integral"
     divergence: str = "auto"
     test_divergence: str = "auto"
     kinetic: float = None
@@ -118,6 +120,10 @@ class TrainConfig:
             _choice("test solver", self.test_solver, tuple(SOLVERS))
         for solver in {self.solver, self.test_solver or self.solver}:
             _check_step_size(solver, self.step_size)
+        _choice("controller", self.controller, CONTROLLERS)
+        if self.controller != "integral" and not SOLVERS[self.solver].adaptive:
+            raise ConfigError(f"controller {self.controller!r} needs an adaptive solver; {self.solver!r} takes fixed "
+                              "steps.")
         _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
         _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)

@@ -19,9 +19,10 @@ from .errors import ConfigError
 from .jko_schedule import JKOSettings
 from .registry import TRAINING_METHODS
 
-__all__ = ["TrainConfig", "ConfigError", "DIVERGENCE_CHOICES"]
+__all__ = ["TrainConfig", "ConfigError", "DIVERGENCE_CHOICES", "CONTROLLER_CHOICES"]
 
 DIVERGENCE_CHOICES = ("auto",) + tuple(ESTIMATORS)
+CONTROLLER_CHOICES = ("auto",) + tuple(CONTROLLERS)
 
 _choice = partial(require_choice, error=ConfigError)
 _positive = partial(require_positive, error=ConfigError)
@@ -51,7 +52,7 @@ class TrainConfig:
     test_atol: float = None
     adjoint: bool = True
     seminorm: bool = False
-    controller: str = "integral"
+    controller: str = "auto"
     divergence: str = "auto"
     test_divergence: str = "auto"
     kinetic: float = None
@@ -103,7 +104,8 @@ class TrainConfig:
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown settings {sorted(unknown)}.")
-        return cls(**values)
+        # runs stored before the controller setting existed trained with torchdiffeq's controller
+        return cls(**{"controller": "integral", **values})
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -120,10 +122,9 @@ class TrainConfig:
             _choice("test solver", self.test_solver, tuple(SOLVERS))
         for solver in {self.solver, self.test_solver or self.solver}:
             _check_step_size(solver, self.step_size)
-        _choice("controller", self.controller, CONTROLLERS)
-        if self.controller != "integral" and not SOLVERS[self.solver].adaptive:
-            raise ConfigError(f"controller {self.controller!r} needs an adaptive solver; {self.solver!r} takes fixed "
-                              "steps.")
+        _choice("controller", self.controller, CONTROLLER_CHOICES)
+        if self.controller == "pi" and not SOLVERS[self.solver].adaptive:
+            raise ConfigError(f"controller 'pi' needs an adaptive solver; {self.solver!r} takes fixed steps.")
         _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
         _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)

@@ -70,9 +70,12 @@ def _add_train_parser(commands):
     group = parser.add_argument_group("regularizers")
     group.add_argument("--kinetic", type=float, help="kinetic energy weight (rnode default 0.01)")
     group.add_argument("--jacobian", type=float, help="Jacobian Frobenius weight (rnode default 0.01)")
-    group.add_argument("--tpr-weight", dest="tpr_weight", type=float, help="TPR weight (tpr default 5)")
-    group.add_argument("--tpr-degree", dest="tpr_degree", type=int, help="TPR polynomial degree 1 or 2 (default 2)")
-    group.add_argument("--tpr-times", dest="tpr_times", type=int, help="TPR random times per solve (default 4)")
+    group.add_argument("--tpr-weight", dest="tpr_weight", type=float, help="TPR weight lambda (tpr default 5)")
+    group.add_argument("--tpr-degree", dest="tpr_degree", type=int, help="TPR polynomial degree p >= 1 (default 1)")
+    group.add_argument("--tpr-times", dest="tpr_times", type=int,
+                       help="TPR random interior times per solve, K >= p (default 2; the end points are added)")
+    group.add_argument("--tpr-logp", dest="tpr_logp", action="store_true",
+                       help="TPR also fits the log-density state (the paper fits z only)")
     group = parser.add_argument_group("TO-FLOW")
     group.add_argument("--time-lr", dest="time_lr", type=float, help="learning rate of T (default 0.01)")
     group.add_argument("--time-alpha", dest="time_alpha", type=float, help="temporal regularizer weight (0.01)")

@@ -55,8 +55,9 @@ class TrainConfig:
     kinetic: float = None
     jacobian: float = None
     tpr_weight: float = None
-    tpr_degree: int = 2
-    tpr_times: int = 4
+    tpr_degree: int = 1
+    tpr_times: int = 2
+    tpr_logp: bool = False
     time_lr: float = 0.01
     time_alpha: float = 0.01
     time_regularizer: str = "linear"
@@ -127,13 +128,11 @@ class TrainConfig:
         for width in self.hidden:
             _positive_int("hidden width", width)
         for name in ("blocks", "iterations", "batch_size", "val_every", "val_size", "checkpoint_every",
-                     "weight_steps", "time_steps", "tpr_times", "jko_block_iterations", "jko_max_blocks",
-                     "jko_finetune_iterations", "jko_steps", "jko_pool"):
+                     "weight_steps", "time_steps", "tpr_degree", "tpr_times", "jko_block_iterations",
+                     "jko_max_blocks", "jko_finetune_iterations", "jko_steps", "jko_pool"):
             _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
-        if self.tpr_degree not in (1, 2):
-            raise ConfigError(f"tpr_degree must be 1 or 2, got {self.tpr_degree!r}.")
         if self.tpr_times < self.tpr_degree:
             raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
         for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho"):

@@ -102,7 +102,8 @@ class TrainingMethod:
         if weights["jacobian"] > 0:
             regularizers.append(JacobianFrobenius(weights["jacobian"]))
         if weights["tpr_weight"] > 0:
-            regularizers.append(TrajectoryPolynomial(weights["tpr_weight"], config.tpr_degree, config.tpr_times))
+            regularizers.append(TrajectoryPolynomial(weights["tpr_weight"], config.tpr_degree, config.tpr_times,
+                                                     config.tpr_logp))
         return regularizers
 
     def end_time(self, config):

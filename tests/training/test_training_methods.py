@@ -32,6 +32,20 @@ def test_method_defaults():
     assert all(block.terminal_time is None for block in _build("ffjord")[1].blocks)
 
 
+def test_tpr_settings_reach_the_regularizer_from_the_config_and_the_cli():
+    from fastcnf.training.cli import build_parser
+
+    (reg,) = _build("tpr")[1].blocks[0].regularizers
+    assert (reg.weight, reg.degree, reg.num_times, reg.include_logp) == (5.0, 1, 2, False)  # the paper's
+    args = vars(build_parser().parse_args(["train", "--method", "tpr", "--tpr-weight", "1.5", "--tpr-degree", "3",
+                                           "--tpr-times", "4", "--tpr-logp", "--hidden", "8", "--rtol", "1e-3",
+                                           "--atol", "1e-3"]))
+    args.pop("command")
+    config = TrainConfig(**args)
+    (reg,) = TRAINING_METHODS["tpr"]().build_model(config, 2).blocks[0].regularizers
+    assert (reg.weight, reg.degree, reg.num_times, reg.include_logp) == (1.5, 3, 4, True)
+
+
 def test_explicit_weights_combine_with_any_method():
     _, model = _build("toflow", tpr_weight=2.0, kinetic=0.1)
     assert _regularizer_types(model) == [KineticEnergy, TrajectoryPolynomial]

@@ -105,8 +105,11 @@ def test_report_reads_the_targets_and_the_control():
     # thresholds: ffjord-T1 3.0 + 0.02, reached by it at 75 s and by toflow at 50 s (0.67x);
     # ffjord-T0.5 3.1 + 0.02, reached by it at 75 s and by toflow at 25 s (0.33x)
     text = toflow.REPORT.findings(_runs([5, 3.3, 3.1, 3.0, 2.99]))
-    assert "8gaussians, toflow-a0.1 vs ffjord-T1: 0.67x FFJORD's time (target ≤ 0.8x): **met**" in text
-    assert "8gaussians, toflow-a0.1 vs ffjord-T0.5: 0.33x FFJORD's time (target ≤ 0.8x): **met**" in text
+    assert ("8gaussians, to ffjord-T1's quality (3.020; ffjord-T1 takes 75 s): target (≤ 0.8x FFJORD's time) "
+            "**met** by toflow-a0.1 (0.67x); **missed** by none.") in text
+    assert "to ffjord-T0.5's quality (3.120; ffjord-T0.5 takes 75 s): target (≤ 0.8x FFJORD's time) **met** by " \
+           "toflow-a0.1 (0.33x)" in text
+    assert "| toflow-a0.1 | 25 ± 0 s, 2500 ± 0 NFE (2/2); 0.33x | 50 ± 0 s, 5000 ± 0 NFE (2/2); 0.67x |" in text
     assert "control vs toflow-a0.1 (to ffjord-T1's quality): 75 s vs 50 s" in text
     assert "optimizing T during training helps" in text
     text = toflow.REPORT.findings(_runs([5, 3.1, 3.0, 2.99, 2.99]))

@@ -173,14 +173,20 @@ def _add_options(parser):
 
 
 # ---------------------------------------------------------------------------------------- report
+def _clock_key(run):
+    """The column of the budget's clock: training-thread CPU seconds, or wall seconds."""
+    return "cpu_seconds" if run.summary["budget"]["clock"] == "thread" else "wall_seconds"
+
+
 def time_to_reach(run, threshold):
-    """(training CPU seconds, cumulative NFE) at the first validation with NLL <= threshold, or None."""
+    """(training seconds on the budget's clock, cumulative NFE) at the first validation with NLL <=
+    threshold, or None."""
     validation = run.validation
     reached = np.flatnonzero(validation["nll"] <= threshold)
     if reached.size == 0:
         return None
     first = reached[0]
-    return float(validation["cpu_seconds"][first]), float(validation["nfe_cumulative"][first])
+    return float(validation[_clock_key(run)][first]), float(validation["nfe_cumulative"][first])
 
 
 def _final_validation(run):
@@ -210,7 +216,8 @@ class TOFLOWReport(MethodReport):
     def preamble(self, runs):
         first = runs[0].summary
         budget = first["budget"]
-        spent = (f"{budget['seconds']:g} s of training CPU time" if budget["seconds"] is not None else
+        clock = "training-thread CPU" if budget["clock"] == "thread" else "wall"
+        spent = (f"{budget['seconds']:g} s of {clock} time" if budget["seconds"] is not None else
                  f"{budget['iterations']} iterations (**not an equal-time budget**)")
         seeds = sorted({run.summary["seed"] for run in runs})
         datasets = sorted({run.summary["dataset"] for run in runs})
@@ -247,7 +254,8 @@ class TOFLOWReport(MethodReport):
     def findings(self, runs):
         lines = ["### Time to FFJORD's quality", "",
                  f"FFJORD's quality: the final validation NLL of a FFJORD arm (mean over seeds) + {QUALITY_MARGIN}. "
-                 "Each cell: training CPU seconds (and cumulative forward + backward NFE) at the first validation "
+                 f"Each cell: training {'CPU' if _clock_key(runs[0]) == 'cpu_seconds' else 'wall'} seconds (and "
+                 "cumulative forward + backward NFE) at the first validation "
                  "point where the arm's validation NLL is at or below it, mean ± std over the seeds that reached "
                  "it (how many in brackets); the ratio is to the FFJORD arm's own time to its threshold. The "
                  f"resolution is one validation interval (1/{runs[0].summary['budget']['validations']} of the "
@@ -353,12 +361,11 @@ class TOFLOWReport(MethodReport):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        clock = runs[0].summary["budget"]["clock"]
-        key = "cpu_seconds" if clock == "thread" else "wall_seconds"
+        key = _clock_key(runs[0])
         path = os.path.join(directory, f"{dataset}-end-time.png")
         figure, axis = plt.subplots(figsize=(7, 4.5))
         mean_band_plot(axis, runs, lambda run: (run.train[key], run.train["end_time"]), align="interp")
-        axis.set_xlabel("training time (s, CPU of the training thread)" if clock == "thread" else
+        axis.set_xlabel("training time (s, CPU of the training thread)" if key == "cpu_seconds" else
                         "training time (s, wall)")
         axis.set_ylabel("T (sum over blocks)")
         axis.set_title(f"{dataset}: end time T during training (mean over seeds, min-max band)")

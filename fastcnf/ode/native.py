@@ -111,28 +111,28 @@ class _BufferStages:
     """Stage inputs from an (S, N) buffer (row stride N) bound by ``CpuStageCombiner.bind``; ``start(y0)``
     checks and sets the state each step starts from."""
 
-    __slots__ = ("combiner", "stages", "y0")
+    __slots__ = ("combiner", "stages", "y0", "_stage", "_solution", "_template", "_numel")
 
     def __init__(self, combiner, stages):
         self.combiner, self.stages, self.y0 = combiner, stages, None
+        self._stage, self._solution = combiner._cpp.stage, combiner._cpp.solution
+        self._template, self._numel = combiner._input_template, combiner.numel
 
     def start(self, y0):
         """Set (and check) the (N,) state the next combinations start from; returns self."""
-        self.y0 = _pointer(y0, self.combiner.dtype, self.combiner.numel, "y0")
+        self.y0 = _pointer(y0, self.combiner.dtype, self._numel, "y0")
         return self
 
     def stage_input(self, index, dt):
         """Input of stage ``index``: ``y0 + dt * a[index] @ stages[:index]``, of the combiner's shape."""
-        combiner = self.combiner
-        out = torch.empty_like(combiner._input_template)
-        combiner._cpp.stage(index, out.data_ptr(), self.y0, self.stages, combiner.numel, combiner.numel, dt)
+        out = torch.empty_like(self._template)
+        self._stage(index, out.data_ptr(), self.y0, self.stages, self._numel, self._numel, dt)
         return out
 
     def solution(self, dt):
         """``y0 + dt * b @ stages`` as a new (N,) tensor."""
-        combiner = self.combiner
-        out = torch.empty_like(combiner._flat_template)
-        combiner._cpp.solution(out.data_ptr(), self.y0, self.stages, combiner.numel, combiner.numel, dt)
+        out = torch.empty_like(self.combiner._flat_template)
+        self._solution(out.data_ptr(), self.y0, self.stages, self._numel, self._numel, dt)
         return out
 
 
@@ -195,8 +195,14 @@ class CppStepController:
     def step(self, y0, y1, stages, dt):
         """``(accept, dt_next, error_ratio, status)`` of the trial step y0 -> y1 with (S, N) ``stages``."""
         n, dtype = self.numel, self.dtype
-        return self._cpp.step(_pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1"),
-                              _stage_rows(stages, dtype, self.rows, n, "stages"), n, dt)
+        # the checks of _pointer/_stage_rows, inlined: this runs once per trial step
+        if not (y0.dtype is dtype and y1.dtype is dtype and stages.dtype is dtype and y0.is_cpu and y1.is_cpu
+                and stages.is_cpu and y0.is_contiguous() and y1.is_contiguous() and stages.is_contiguous()
+                and y0.numel() == n and y1.numel() == n and stages.dim() == 2 and stages.shape[1] == n
+                and stages.shape[0] >= self.rows):
+            _pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1")  # one of these raises, naming the tensor,
+            _stage_rows(stages, dtype, self.rows, n, "stages")            # or this one
+        return self._cpp.step(y0.data_ptr(), y1.data_ptr(), stages.data_ptr(), n, dt)
 
 
 def cpp_propose_step(error_ratio, dt, rule):

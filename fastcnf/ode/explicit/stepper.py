@@ -71,7 +71,8 @@ class ExplicitRKStepper:
         stages = self.tableau.stages
         self.buffers = [torch.empty(stages, self.numel, dtype=self.dtype, device=self.device) for _ in range(2)]
         self._rows = [[buf[i] for i in range(stages)] for buf in self.buffers]
-        self._shaped_rows = [[row.view(self._shape) for row in rows] for rows in self._rows]
+        self._shaped_rows = [[row.view(self._shape) for row in rows] for rows in self._rows] if self._shaped \
+            else self._rows
         if self.native:  # separate stages at every size (fixed grids); the buffer for small states only
             self.separate_combiner = CpuStageCombiner(self.tableau.a, self.tableau.b, self.dtype, self.numel,
                                                       self._shape)
@@ -144,8 +145,9 @@ class ExplicitRKStepper:
         for i, node, at_end in self._stages:
             yi = bound.stage_input(i, dt)
             rows[i].copy_(call(time(t1), yi, end) if at_end else call(time(t0 + node * dt), yi))
-        y1 = yi.view(-1) if self._fsal else bound.solution(dt)
-        return y1, stages, self._rows[buffer][-1]
+        if not self._fsal:
+            return bound.solution(dt), stages, self._rows[buffer][-1]
+        return (yi.view(-1) if self._shaped else yi), stages, self._rows[buffer][-1]
 
     def _step_separate(self, t0, y0, f0, dt, t1, time):
         """No stage buffer (the caller needs no K): the stages stay the tensors the dynamics returned

@@ -129,8 +129,9 @@ class StepSizeController:
                                  time_arg)
 
     def adapt(self, y0, y1, stages, dt, last_ratio=1.0):
-        """``Decision`` on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``; ``last_ratio`` is
-        the error ratio of the last accepted step (the previous ``Decision.last_ratio``)."""
+        """The decision on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``; ``last_ratio`` is the
+        error ratio of the last accepted step (the previous decision's ``last_ratio``). A ``Decision``, or (C++
+        twin, to save a Python layer per step) a plain tuple in its order; callers unpack it."""
         raise NotImplementedError
 
 

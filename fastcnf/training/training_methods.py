@@ -30,8 +30,7 @@ from ..cnf.toflow import CoordinateDescent, TerminalTime, terminal_times, time_o
 from ..ode.registry import METHODS
 from .sharding import sharded_sampler
 
-__all__ = ["TrainingMethod", "OptimizerStep", "FFJORD", "RNODE", "TPR", "TOFLOW", "build_flow", "resolve_divergence",
-           "resolve_controller"]
+__all__ = ["TrainingMethod", "OptimizerStep", "FFJORD", "RNODE", "TPR", "TOFLOW", "build_flow", "resolve_divergence"]
 
 def resolve_divergence(name, dim, test=False, train_name=None):
     """``"auto"`` -> exact for dim <= 2 (training) or dim <= 10 (evaluation), else Hutchinson."""
@@ -42,25 +41,17 @@ def resolve_divergence(name, dim, test=False, train_name=None):
     return "exact" if dim <= 2 else "hutchinson-gaussian"
 
 
-def resolve_controller(name, solver):
-    """``"auto"`` -> ``"pi"`` for adaptive solvers (fewer evaluations at equal quality, see
-    bench/bench_time_to_quality.py), ``"integral"`` otherwise."""
-    if name != "auto":
-        return name
-    return "pi" if METHODS[solver].adaptive else "integral"
-
-
 def _solver_settings(config, test):
     method = (config.test_solver or config.solver) if test else config.solver
     rtol = (config.test_rtol or config.rtol) if test else config.rtol
     atol = (config.test_atol or config.atol) if test else config.atol
     options = {"step_size": config.step_size} if config.step_size is not None else {}
     adjoint_options = {"norm": "seminorm"} if config.seminorm else None
-    if not test and resolve_controller(config.controller, method) == "pi":
+    if not test and config.controller != "integral" and METHODS[method].adaptive:
         # The forward training solve only: the adjoint solve and evaluation keep torchdiffeq's controller
         # (with PI control the adjoint, whose error norm includes the growing parameter adjoints, takes
         # more steps than it saves; bench/bench_training_step.py).
-        options["controller"] = "pi"
+        options["controller"] = config.controller
         adjoint_options = adjoint_options or {}
     return SolverSettings(method, rtol, atol, options, config.adjoint, adjoint_options)
 

@@ -72,22 +72,12 @@ def test_model_uses_config_settings():
 def test_pi_controller_drives_the_forward_training_solve_only():
     """controller='pi': the forward training solve takes it; the adjoint solve (adjoint_options without it) and
     evaluation keep torchdiffeq's integral controller."""
-    for controller in ("pi", "auto"):
-        block = _build("ffjord", controller=controller)[1].blocks[0]
-        assert block.train_solver.options == {"controller": "pi"} and block.train_solver.adjoint_options == {}
-        assert block.test_solver.options == {}
+    block = _build("ffjord", controller="pi")[1].blocks[0]
+    assert block.train_solver.options == {"controller": "pi"} and block.train_solver.adjoint_options == {}
+    assert block.test_solver.options == {}
     block = _build("ffjord", controller="pi", seminorm=True)[1].blocks[0]
     assert block.train_solver.adjoint_options == {"norm": "seminorm"}
-    block = _build("ffjord", controller="integral")[1].blocks[0]
-    assert block.train_solver.options == {} and block.train_solver.adjoint_options is None
-    assert _build("ffjord", solver="rk4", step_size=0.1)[1].blocks[0].train_solver.options == {"step_size": 0.1}
-
-
-def test_stored_configs_without_a_controller_resume_with_the_integral_one():
-    stored = TrainConfig().as_dict()
-    del stored["controller"]
-    assert TrainConfig.from_dict(stored).controller == "integral"
-    assert TrainConfig().controller == "auto"
+    assert _build("ffjord")[1].blocks[0].train_solver.options == {}
 
 
 def test_auto_divergence():

@@ -178,7 +178,7 @@ def test_unknown_method_lists_the_methods():
 
 
 @pytest.mark.parametrize("method, options, message", [
-    ("dopri5", dict(foo=1), r"Option 'foo' is not accepted by method 'dopri5'; it accepts: check_every, device_loop, dfactor, dtype"),
+    ("dopri5", dict(foo=1), r"Option 'foo' is not accepted by method 'dopri5'; it accepts: check_every, controller, device_loop, dfactor, dtype"),
     ("euler", dict(first_step=0.1), r"Option 'first_step' is not accepted by method 'euler'; it accepts: "
                                     r"grid_constructor, interp, norm, perturb, step_size"),
     ("dopri5", dict(step_size=0.1), r"Option 'step_size' is not accepted by method 'dopri5'"),

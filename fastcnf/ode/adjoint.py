@@ -85,7 +85,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     event_t = event_t.to(problem.t)
     if problem.reverse:
         event_t = -event_t
-    return event_t, problem.unflatten_solution(solution)
+    return event_t, problem.unflatten_solution(problem.event_solution_dtype(solution))
 
 
 def find_parameters(module):

@@ -7,8 +7,13 @@ or previous representable value when a perturbation is requested), restores the 
 layout (a tensor of any shape or a tuple of tensors), flattens the derivative and casts it to the
 state dtype (as torchdiffeq's stage buffers do: a float64, float16 or integer result of a float32
 state becomes float32), counts evaluations and forwards the step callbacks.
+
+What ``func`` may return is what torchdiffeq accepts: for a tensor state a tensor of its shape; for
+a tuple state a tuple of tensors with as many elements as each entry (torchdiffeq flattens each
+entry, so an (N, 1) result for an (N,) entry is fine).
 """
 
+import functools
 import math
 from enum import IntEnum
 
@@ -102,6 +107,7 @@ class Dynamics:
         self.real_dtype = torch.empty((), dtype=dtype).abs().dtype
         self.device = device
         self.nfe = 0
+        self.result_dtype = None  # dtype of func's (flattened) result, known after the first evaluation
         self._checked = False
         self.callbacks = {name: _user_callback(func, name) for name in CALLBACK_NAMES}
 
@@ -160,11 +166,14 @@ class Dynamics:
             where = f" (tuple entry {index})" if self.layout.is_tuple else ""
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"func must return a torch.Tensor{where}, got {type(part).__name__}.")
-            if part.shape != shape:
+            fits = part.numel() == shape.numel() if self.layout.is_tuple else part.shape == shape
+            if not fits:
                 raise ValueError(f"func returned a tensor of shape {tuple(part.shape)} for a state of shape "
-                                 f"{tuple(shape)}{where}.")
+                                 f"{tuple(shape)}{where}" + (f"; it must have {shape.numel()} elements."
+                                                            if self.layout.is_tuple else "."))
             if part.device != self.device:
                 raise ValueError(f"func returned a tensor on {part.device} for a state on {self.device}{where}.")
+        self.result_dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])
         self._checked = True
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidOptionError, UnknownMethodError
 from .explicit.adaptive import AdaptiveRungeKutta
-from .explicit.fixed_grid import FixedGridRungeKutta
+from .explicit.fixed_grid import FixedGridRungeKutta, FixedGridSolver
 from .explicit.tableaus import ADAPTIVE_TABLEAUS, FIXED_TABLEAUS
 from .implicit.runge_kutta import ImplicitRungeKutta
 from .implicit.tableaus import IMPLICIT_TABLEAUS
@@ -35,6 +35,10 @@ class OdeMethod:
     @property
     def adaptive(self):
         return self.solver is AdaptiveRungeKutta
+
+    @property
+    def fixed_grid(self):
+        return issubclass(self.solver, FixedGridSolver)
 
     def build(self, dynamics, y0, rtol, atol, options):
         return self.solver(dynamics, y0, rtol, atol, **self.fixed, **options)

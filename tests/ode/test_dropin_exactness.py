@@ -149,8 +149,8 @@ def test_long_float32_fixed_grid_event_search_does_not_drift(method, rate, targe
 def test_adaptive_events_on_exact_interpolants(method, dtype, name, reverse):
     """The dense output reproduces these solutions, so the error is the event search's own (it
     bisects to atol=1e-9)."""
-    ours = event_error(fastcnf, method, dtype, name, reverse, rtol=1e-5, atol=1e-9)
-    theirs = event_error(torchdiffeq, method, dtype, name, reverse, rtol=1e-5, atol=1e-9)
+    ours = event_error(fastcnf, method, dtype, name, reverse, rtol=1e-4, atol=1e-9)
+    theirs = event_error(torchdiffeq, method, dtype, name, reverse, rtol=1e-4, atol=1e-9)
     assert ours <= theirs * (1 + 1e-6) + 4 * torch.finfo(dtype).eps, (ours, theirs)
 
 
@@ -169,3 +169,121 @@ def test_adaptive_events_on_the_sine(method, dtype, reverse):
         assert ours <= theirs + 2e-9, (ours, theirs)
     else:
         assert ours <= 1.25 * theirs + 4 * torch.finfo(dtype).eps, (ours, theirs)
+
+
+# ----------------------------------------------------------------------- 3. func's result dtype
+class Decay(torch.nn.Module):
+    """y' = -a y returned as ``result_dtype`` (an integer result is the constant -1)."""
+
+    def __init__(self, state_dtype, result_dtype):
+        super().__init__()
+        self.rate = torch.nn.Parameter(torch.tensor(0.5, dtype=state_dtype))
+        self.result_dtype = result_dtype
+
+    def derivative(self, y):
+        if self.result_dtype.is_floating_point:
+            return (-self.rate * y).to(self.result_dtype)
+        return torch.full_like(y, -1, dtype=self.result_dtype)
+
+    def forward(self, t, y):
+        return tuple(self.derivative(part) for part in y) if isinstance(y, tuple) else self.derivative(y)
+
+
+RESULT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.int64]
+SHARED_METHODS = ["dopri5", "euler", "midpoint", "rk4", "explicit_adams", "implicit_adams"]
+
+
+def dtype_run(lib, method, state_dtype, result_dtype, mode):
+    """Solution (and gradients) of ``mode``: plain, tuple, adjoint or event."""
+    func = Decay(state_dtype, result_dtype)
+    options = dict(step_size=0.25) if method not in ("dopri5", "bosh3") else None
+    y0 = torch.linspace(1.0, 2.0, 3, dtype=state_dtype).requires_grad_()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=state_dtype)
+    if mode == "event":
+        event_t, out = quiet(lib.odeint_event, func, y0, t[0], event_fn=lambda t, y: y[0] - 0.8, method=method,
+                             options=options)
+        return out, event_t
+    if mode == "tuple":
+        out = quiet(lib.odeint, func, (y0, 2 * y0), t, method=method, options=options)[1]
+    else:
+        extra = {}
+        if mode == "adjoint" and lib is fastcnf:  # torchdiffeq's backward steps (README)
+            extra = dict(adjoint_options=dict(options or {}, carry_step_size=False))
+        call = lib.odeint_adjoint if mode == "adjoint" else lib.odeint
+        out = quiet(call, func, y0, t, method=method, options=options, **extra)
+    if not result_dtype.is_floating_point:
+        return out, None, None
+    out[-1].double().square().sum().backward()
+    return out, y0.grad, func.rate.grad
+
+
+@pytest.mark.parametrize("mode", ["plain", "tuple", "adjoint", "event"])
+@pytest.mark.parametrize("result_dtype", RESULT_DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", SHARED_METHODS)
+def test_results_in_another_dtype_give_torchdiffeqs_result(method, state_dtype, result_dtype, mode):
+    """Same dtypes everywhere (a fixed grid's event solution is y0 + dt * f: a float64 result widens a
+    float32 state, as in torchdiffeq) and the same numbers to the precision of the narrower dtype."""
+    if result_dtype == state_dtype:
+        pytest.skip("not a different dtype")
+    ours, theirs = dtype_run(fastcnf, method, state_dtype, result_dtype, mode), \
+        dtype_run(torchdiffeq, method, state_dtype, result_dtype, mode)
+    narrow = min(torch.finfo(state_dtype).eps, torch.finfo(result_dtype).eps if result_dtype.is_floating_point
+                 else 1.0, key=lambda eps: -eps)
+    for mine, expected in zip(ours, theirs):
+        if expected is None:
+            assert mine is None or not mine.requires_grad
+            continue
+        assert mine.dtype == expected.dtype
+        torch.testing.assert_close(mine, expected, rtol=100 * narrow, atol=100 * narrow, check_dtype=False)
+
+
+# ----------------------------------------------------------------------------- 4. tuple entries
+@pytest.mark.parametrize("method", ["rk4", "dopri5", "implicit_adams"])
+def test_tuple_entries_may_come_back_in_another_shape(method):
+    """The issue's example (a published JKO-iFlow codebase returns (N, 1) for an (N,) entry)."""
+    def func(t, state):
+        x, _ = state
+        return -x, -(x * x).sum(dim=1, keepdim=True)
+
+    y0 = (torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(5))
+    t = torch.tensor([0.0, 0.5, 1.0])
+    options = dict(step_size=0.1) if method != "dopri5" else None
+    ours = quiet(fastcnf.odeint, func, y0, t, method=method, options=options)
+    theirs = quiet(torchdiffeq.odeint, func, y0, t, method=method, options=options)
+    for mine, expected in zip(ours, theirs):
+        assert mine.shape == expected.shape
+        torch.testing.assert_close(mine, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_tuple_entries_under_the_adjoint_match_torchdiffeq():
+    net = torch.nn.Linear(2, 2).double()
+
+    class Func(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, state):
+            x, _ = state
+            dx = torch.tanh(self.net(x))
+            return dx, -dx.sum(dim=1, keepdim=True)
+
+    def gradients(lib):
+        x0 = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x, logp = lib.odeint_adjoint(Func(), (x0, torch.zeros(4, dtype=torch.float64)),
+                                     torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+        (x[-1].square().sum() + logp[-1].sum()).backward()
+        grads = [x0.grad, *(p.grad.clone() for p in net.parameters())]
+        net.zero_grad()
+        return grads
+
+    for mine, expected in zip(gradients(fastcnf), gradients(torchdiffeq)):
+        torch.testing.assert_close(mine, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_tuple_entries_with_the_wrong_number_of_elements_still_fail():
+    with pytest.raises(ValueError, match=r"shape \(5, 2\) for a state of shape \(5,\) \(tuple entry 1\); it must "
+                                         r"have 5 elements"):
+        fastcnf.odeint(lambda t, s: (-s[0], torch.zeros(5, 2)), (torch.randn(5, 2), torch.zeros(5)),
+                       torch.tensor([0.0, 1.0]))

@@ -18,6 +18,9 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxNumStepsError",
     "NonlinearSolveError",
+    "IgnoredOptionWarning",
+    "StiffnessWarning",
+    "StiffProblemError",
 ]
 
 
@@ -59,3 +62,16 @@ class MaxNumStepsError(FastCNFError, RuntimeError, AssertionError):
 
 class NonlinearSolveError(FastCNFError, RuntimeError):
     """The nonlinear solve of an implicit method did not converge."""
+
+
+class IgnoredOptionWarning(UserWarning):
+    """An option the chosen method does not use was ignored (torchdiffeq warns about it too);
+    ``FASTCNF_STRICT_OPTIONS=1`` makes it an ``InvalidOptionError``."""
+
+
+class StiffnessWarning(UserWarning):
+    """An adaptive explicit solve kept taking steps limited by stability rather than accuracy."""
+
+
+class StiffProblemError(FastCNFError, RuntimeError):
+    """The stiffness check found a stiff problem and ``options=dict(stiffness="error")`` was given."""

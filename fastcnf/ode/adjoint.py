@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, InvalidToleranceError
 from ..stats import backward_phase
 from .dynamics import CALLBACK_NAMES, Perturb, StateLayout, nudge
 from .norms import SegmentNorm, mixed_norm
@@ -130,6 +130,8 @@ def _scalar_tolerance(name, value):
         value = value.item()
     if isinstance(value, (tuple, list)):
         raise InvalidOptionError(f"{name} must be a scalar for the adjoint solve; pass it explicitly.")
+    if not float(value) >= 0:
+        raise InvalidToleranceError(f"{name} must be a non-negative number, got {value!r}.")
     return float(value)
 
 

@@ -21,7 +21,7 @@ from ...stats import record_solve
 from ..backend import select_backend
 from ..control import Status, StepRule, make_controller, solve_failure
 from ..dynamics import CALLBACK_NAMES, Perturb
-from ..events import EventSearch, event_tolerance
+from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import quartic_eval
 from .device_loop import DEFAULT_CHECK_EVERY, integrate_on_device
 from .stepper import ExplicitRKStepper
@@ -85,6 +85,7 @@ class AdaptiveRungeKutta:
         self.device_loop = self._wants_device_loop(device_loop, backend)
         self.check_every = int(check_every)
         self.time_anchor = None
+        self.time_limit = time_limit(dynamics.real_dtype)
         self.last_step_size = None  # the step size proposed after the last step of integrate()
         self.accepted = self.rejected = 0
         self._last_nonfinite = False
@@ -218,13 +219,15 @@ class AdaptiveRungeKutta:
         t0, y0, f0 = step.t1, step.y1, step.f1
         rule = self.rule
         dt = step.dt_next
-        if not math.isfinite(dt):
+        if math.isnan(dt):
             dt = rule.min_step
         dt = min(max(dt, rule.min_step), rule.max_step)
         self.dynamics.callback("callback_step", t0, y0, dt)
         t1 = t0 + dt
         if not t1 > t0:
             raise solve_failure(Status.FAILED_UNDERFLOW, self._user_t(t0), dt, after_nonfinite=self._last_nonfinite)
+        if max(abs(t1), dt) > self.time_limit:
+            raise step_overflow(self._user_t(t0), dt, self.dynamics.real_dtype)
 
         on_step_t = on_jump_t = False
         if self.step_t:
@@ -271,8 +274,8 @@ class AdaptiveRungeKutta:
             self._nonfinite_trials += 1
             if self._nonfinite_trials > MAX_NONFINITE_TRIALS:
                 raise NonFiniteStateError(
-                    f"NaN/Inf in {self._nonfinite_trials} trial steps near t={self._user_t(t0)!r}: the solution "
-                    "overflows or the dynamics are not finite there.")
+                    f"non-finite values in state `y`: NaN/Inf in {self._nonfinite_trials} trial steps near "
+                    f"t={self._user_t(t0)!r}; the solution overflows or the dynamics are not finite there.")
 
     # ------------------------------------------------------------------ output
     def _dense(self, step, t_out):

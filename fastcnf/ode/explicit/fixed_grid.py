@@ -16,7 +16,7 @@ import torch
 
 from ...errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError
 from ...stats import record_solve
-from ..events import EventSearch, event_tolerance
+from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import cubic_hermite_interp, linear_interp
 from .stepper import ExplicitRKStepper
 
@@ -49,7 +49,7 @@ class FixedGridSolver:
         self.rtol, self.atol = rtol, atol
         self.step_size = step_size
         if interp not in ("linear", "cubic"):
-            raise InvalidOptionError(f"interp must be 'linear' or 'cubic', got {interp!r}.")
+            raise InvalidOptionError(f"Unknown interpolation method {interp!r}: interp must be 'linear' or 'cubic'.")
         self.interp = interp
         self.perturb = bool(perturb)
         if step_size is not None and grid_constructor is not None:
@@ -116,6 +116,8 @@ class FixedGridSolver:
             while True:
                 search.count_step(t0)
                 t1 = t0 + dt
+                if max(abs(t1), dt) > time_limit(self.dynamics.real_dtype):
+                    raise step_overflow(self._user_t(t0), dt, self.dynamics.real_dtype)
                 dy, f0 = self._increment(time(t0), dt, time(t1), y0)
                 y1 = summation.add(y0, dy)
                 self.steps += 1
@@ -223,5 +225,6 @@ def _check_finite(value, t0, t1, reverse):
     """Raise if an output is not finite (checked per output, not per step, to avoid a sync per step)."""
     if not bool(torch.isfinite(value).all()):
         sign = -1 if reverse else 1
-        raise NonFiniteStateError(f"NaN/Inf in the state at the output in the step from t={sign * _as_float(t0)} to "
+        raise NonFiniteStateError(f"non-finite values in state `y`: NaN/Inf at the output in the step from "
+                                  f"t={sign * _as_float(t0)} to "
                                   f"t={sign * _as_float(t1)} (it may have appeared in an earlier step).")

@@ -43,7 +43,7 @@ class Adams(FixedGridSolver):
             max_order = MAX_ORDER if implicit else 5
         max_order = int(max_order)
         if not 1 <= max_order <= MAX_ORDER:
-            raise InvalidOptionError(f"max_order must be between 1 and {MAX_ORDER}, got {max_order}.")
+            raise InvalidOptionError(f"max_order must be at most {MAX_ORDER} (and at least 1), got {max_order}.")
         if max_order < MIN_ORDER:
             warnings.warn(f"max_order is below {MIN_ORDER}, so the solver reduces to `rk4`.")
         if int(max_iters) < 1:

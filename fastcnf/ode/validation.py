@@ -25,7 +25,7 @@ from ..errors import (
 
 __all__ = ["is_real_number", "require_positive", "require_non_negative", "require_positive_int", "require_choice",
            "require_bool", "require_fraction", "check_state", "check_finite_state", "check_time", "check_option_values",
-           "strict_options", "check_tolerance"]
+           "strict_options", "check_tolerance", "check_tolerance_resolution"]
 
 
 # ----------------------------------------------------------------------------------- generic rules
@@ -279,3 +279,46 @@ def _require_valid_entries(name, tol):
         index = int(bad.nonzero()[0])
         raise InvalidToleranceError(f"{name} must be non-negative and not NaN, got {tol[index].item()!r} at flat "
                                     f"index {index}.")
+
+
+def check_tolerance_resolution(rtol, atol, y0):
+    """Refuse tolerances finer than what the state's dtype resolves (adaptive step-size control).
+
+    The rule: with eps the dtype's machine epsilon and s = max(1, |y0|) per element, the tolerance
+    ``atol + rtol * s`` must be at least ``eps**2 * s``. Why eps**2: the error estimate is a
+    combination of stages that each carry a rounding error of about eps relative, so below a tolerance
+    tol it is noise and the controller shrinks the step until h * eps ~ tol; the state then changes by
+    h * |f| ~ tol / eps per step, which rounds away once it is below eps * |y| -- once tol < eps**2
+    (for |f| ~ |y|). The state stops moving and the solve returns y0 or wanders (bfloat16 at the
+    default rtol=1e-7 returned 0.984 for exp(-1)). Bounds: float32 eps**2 = 1.4e-14 (torchdiffeq's
+    default rtol=1e-7 is far above it, and float32 behaves exactly as before), bfloat16 6.1e-5,
+    float16 9.5e-7, float64 4.9e-32. s = max(1, |y0|) judges a state that starts at 0 at unit scale.
+    """
+    if not y0.is_floating_point() or y0.numel() == 0:
+        return
+    eps = torch.finfo(y0.dtype).eps
+    floor = eps * eps
+    if _smallest(rtol) >= floor:  # atol >= 0: the usual case, decided without looking at y0
+        return
+    with torch.no_grad():
+        scale = y0.detach().abs().double().clamp(min=1.0)
+        rtol_t = torch.as_tensor(rtol, dtype=torch.float64, device=y0.device)
+        atol_t = torch.as_tensor(atol, dtype=torch.float64, device=y0.device)
+        short = (atol_t + rtol_t * scale) < floor * scale
+        if not bool(short.any()):
+            return
+    raise InvalidToleranceError(
+        f"rtol={_describe_tolerance(rtol)}, atol={_describe_tolerance(atol)} ask for more than a {y0.dtype} state "
+        f"resolves: its resolution is eps={eps:.3g}, and below a tolerance of eps**2={floor:.2g} (relative to the "
+        f"state, or absolute where |y| < 1) rounding noise drives the step size until the steps no longer change "
+        f"the state. Pass rtol >= {floor:.2g} (or a larger atol), or use a wider dtype such as float32.")
+
+
+def _smallest(tol):
+    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
+
+
+def _describe_tolerance(tol):
+    if isinstance(tol, torch.Tensor) and tol.numel() > 1:
+        return f"tensor(min={float(tol.min()):.3g})"
+    return f"{float(tol):.3g}"

@@ -344,6 +344,55 @@ def test_tupled_tolerance_of_the_wrong_length():
         solve(func=lambda t, y: y, y0=(Y0, Y0), rtol=(1e-3,))
 
 
+# ---------------------------------------------------------------- tolerances the dtype cannot resolve
+@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, "6.1e-05"), (torch.float16, "9.5e-07")])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_default_tolerances_on_half_precision_states_are_refused(dtype, floor, method):
+    """bfloat16 at the default rtol=1e-7 used to return 0.984 (or 1.0) for exp(-1) without a word."""
+    message = (rf"rtol=1e-07, atol=1e-09 ask for more than a {dtype} state resolves: its resolution is "
+               rf"eps=.*eps\*\*2={floor}.*Pass rtol >= {floor}")
+    with pytest.raises(InvalidToleranceError, match=message):
+        fastcnf.odeint(decay, torch.ones(2, dtype=dtype), T, method=method)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-3), (torch.bfloat16, 1e-4), (torch.float16, 1e-3),
+                                         (torch.float16, 1e-5)])
+def test_resolvable_tolerances_on_half_precision_states_work(dtype, rtol):
+    """Above eps**2 the solve is accurate to a few units of the dtype's resolution (float16 used to
+    underflow at any rtol below 1e-2: its error norms overflowed; they are taken in float32 now)."""
+    y = fastcnf.odeint(decay, torch.ones(2, dtype=dtype), T, rtol=rtol, atol=rtol * 1e-2)
+    assert y.dtype == dtype
+    assert abs(y[-1, 0].item() - math.exp(-1)) <= 4 * torch.finfo(dtype).eps * 0.5
+
+
+def test_float32_at_the_default_tolerance_is_unchanged():
+    """float32's eps**2 is 1.4e-14: the default rtol=1e-7 (below float32's eps) is far above it, and the
+    solve takes torchdiffeq's steps (README: the same numbers to rounding)."""
+    func = CountingDecay()
+    ours = fastcnf.odeint(func, torch.linspace(0.5, 2.0, 4), torch.linspace(0, 2, 5))
+    theirs_func = CountingDecay()
+    theirs = torchdiffeq.odeint(theirs_func, torch.linspace(0.5, 2.0, 4), torch.linspace(0, 2, 5))
+    assert func.calls == theirs_func.calls
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
+    fastcnf.odeint(decay, torch.ones(2), T, rtol=1e-12, atol=1e-14)  # still above 1.4e-14: allowed
+
+
+def test_an_absolute_tolerance_below_resolution_at_the_states_scale_is_refused():
+    with pytest.raises(InvalidToleranceError, match="float32 state resolves"):
+        fastcnf.odeint(decay, torch.full((2,), 1e3), T, rtol=0.0, atol=1e-13)
+    fastcnf.odeint(decay, torch.full((2,), 1e-3), T, rtol=0.0, atol=1e-12)  # |y| < 1: judged at unit scale
+
+
+class CountingDecay(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return -y
+
+
 # ---------------------------------------------------------------- the user's function
 @pytest.mark.parametrize("func, y0, error, message", [
     (lambda t, y: torch.ones(3, dtype=F64), Y0, ValueError, r"shape \(3,\) for a state of shape \(2,\)"),

@@ -23,6 +23,7 @@ from ..control import Status, StepRule, make_controller, solve_failure
 from ..dynamics import CALLBACK_NAMES, Perturb
 from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import quartic_eval
+from ..validation import check_tolerance_resolution
 from .device_loop import DEFAULT_CHECK_EVERY, integrate_on_device
 from .stepper import ExplicitRKStepper
 
@@ -64,6 +65,7 @@ class AdaptiveRungeKutta:
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
                  max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY):
+        check_tolerance_resolution(rtol, atol, y0)
         self.dynamics = dynamics
         self.y0 = y0
         self.rtol, self.atol = rtol, atol

@@ -201,6 +201,12 @@ def _dtype(name, value):
         raise InvalidOptionError(f"option {name!r} must be a floating torch.dtype, got {value!r}.")
 
 
+def _stiffness(name, value):
+    from .explicit.stiffness import STIFFNESS_CHOICES
+
+    require_choice(f"option {name!r} value", value, STIFFNESS_CHOICES, InvalidOptionError)
+
+
 def _optional_bool(name, value):
     if value is not None and not isinstance(value, bool):
         raise InvalidOptionError(f"option {name!r} must be True, False or None, got {value!r}.")
@@ -224,6 +230,7 @@ _OPTION_CHECKS = {
     "dtype": _dtype,
     "check_every": _positive_integer,
     "device_loop": _optional_bool,
+    "stiffness": _stiffness,
 }
 
 

@@ -26,6 +26,7 @@ from ..interpolation import quartic_eval
 from ..validation import check_tolerance_resolution
 from .device_loop import DEFAULT_CHECK_EVERY, integrate_on_device
 from .stepper import ExplicitRKStepper
+from .stiffness import StiffnessCheck
 
 __all__ = ["AdaptiveRungeKutta", "AcceptedStep", "MAX_NONFINITE_TRIALS"]
 
@@ -55,16 +56,18 @@ class AdaptiveRungeKutta:
         tableau: an adaptive ``ButcherTableau``.
         norm: ``SegmentNorm`` (fast path) or any callable on an (N,) tensor.
         Other keyword arguments are torchdiffeq's options of the same names; ``device_loop`` and
-        ``check_every`` choose and tune the device loop.
+        ``check_every`` choose and tune the device loop; ``stiffness`` ("warn", "error" or "off") the
+        stiffness check of ``fastcnf.ode.explicit.stiffness``.
     """
 
     OPTIONS = frozenset({"norm", "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor",
-                         "dfactor", "max_num_steps", "dtype", "device_loop", "check_every"})
+                         "dfactor", "max_num_steps", "dtype", "device_loop", "check_every", "stiffness"})
     CALLBACKS = frozenset(CALLBACK_NAMES)
 
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
-                 max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY):
+                 max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY,
+                 stiffness=None):
         check_tolerance_resolution(rtol, atol, y0)
         self.dynamics = dynamics
         self.y0 = y0
@@ -85,6 +88,7 @@ class AdaptiveRungeKutta:
         self.stepper = ExplicitRKStepper(tableau, dynamics, y0.numel(), y0.dtype, y0.device)
         self.controller = make_controller(backend, self.rule, tableau.b_error, y0, rtol, atol, norm)
         self.device_loop = self._wants_device_loop(device_loop, backend)
+        self.stiffness = StiffnessCheck(tableau, stiffness)
         self.check_every = int(check_every)
         self.time_anchor = None
         self.time_limit = time_limit(dynamics.real_dtype)
@@ -258,6 +262,7 @@ class AdaptiveRungeKutta:
 
         self.dynamics.callback("callback_accept_step", t0, y0, dt)
         self.accepted += 1
+        self.stiffness.observe(stages, self._user_t(t1), dt)
         f1 = last_stage
         if on_step_t and self._next_step_t != len(self.step_t) - 1:
             self._next_step_t += 1

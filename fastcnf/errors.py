@@ -18,6 +18,7 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxNumStepsError",
     "NonlinearSolveError",
+    "EvaluationBudgetError",
     "IgnoredOptionWarning",
     "StiffnessWarning",
     "StiffProblemError",
@@ -62,6 +63,11 @@ class MaxNumStepsError(FastCNFError, RuntimeError, AssertionError):
 
 class NonlinearSolveError(FastCNFError, RuntimeError):
     """The nonlinear solve of an implicit method did not converge."""
+
+
+class EvaluationBudgetError(FastCNFError, RuntimeError):
+    """The solves inside ``fastcnf.stats.evaluation_budget(limit)`` evaluated the dynamics more than ``limit``
+    times."""
 
 
 class IgnoredOptionWarning(UserWarning):

@@ -20,6 +20,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from ..stats import BUDGETS, charge_evaluation
+
 __all__ = ["Perturb", "StateLayout", "Dynamics", "CALLBACK_NAMES", "nudge"]
 
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -112,6 +114,8 @@ class Dynamics:
         self.callbacks = {name: _user_callback(func, name) for name in CALLBACK_NAMES}
 
     def __call__(self, t, y, perturb=Perturb.NONE):
+        if BUDGETS:
+            charge_evaluation()
         out = self.func(self.user_time(t, perturb), self.layout.unflatten(y))
         self.nfe += 1
         if not self._checked:
@@ -123,6 +127,8 @@ class Dynamics:
 
     def call_shaped(self, t, y, perturb=Perturb.NONE):
         """Like calling it, for a tensor state already in the user's shape; returns that shape too."""
+        if BUDGETS:
+            charge_evaluation()
         out = self.func(self.user_time(t, perturb), y)
         self.nfe += 1
         if not self._checked:

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or not dist.is_gloo_avai
                                 reason="needs Linux (loopback interface 'lo') and torch.distributed with gloo")
 
 RUN = ["--data", "8gaussians", "--method", "toflow", "--tpr-weight", "1", "--divergence", "hutchinson-gaussian",
-       "--solver", "rk4", "--step-size", "0.125", "--hidden", "16,16", "--batch", "64", "--lr", "1e-2",
+       "--solver", "rk4", "--step-size", "0.125", "--hidden", "16,16", "--batch-size", "64", "--lr", "1e-2",
        "--weight-steps", "2", "--time-steps", "1", "--iterations", "20", "--checkpoint-every", "4", "--val-every", "10",
        "--val-size", "200", "--threads", "1", "--no-plot", "--no-progress"]
 ITERATIONS = 20
@@ -174,7 +174,7 @@ def test_only_rank_zero_writes_and_prints(runs):
 
 def test_processes_that_disagree_fail_together_naming_the_settings(tmp_path):
     out = str(tmp_path / "run")
-    common = ["train", "--hidden", "8", "--batch", "32", "--iterations", "2", "--no-plot", "--no-progress",
+    common = ["train", "--hidden", "8", "--batch-size", "32", "--iterations", "2", "--no-plot", "--no-progress",
               "--out", out]
     results = _Job([common + ["--lr", "1e-3"], common + ["--lr", "2e-3", "--hidden", "8,8"]],
                    str(tmp_path / "logs")).wait()

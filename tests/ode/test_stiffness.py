@@ -171,3 +171,16 @@ def test_bad_stiffness_values_are_refused():
                                                          "error, off"):
         fastcnf.odeint(decay_sine, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
                        options=dict(stiffness="loud"))
+
+
+@pytest.mark.parametrize("method", CHECKED)
+def test_a_mild_stability_limit_over_a_long_span_is_no_alarm(method):
+    """y' = -y on [0, 1000]: once e^-t is far below atol every step is stability-limited (dt ~ 3.4),
+    but that costs about 300 steps; the check used to warn at t ~ 570 all the same."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcnf.StiffnessWarning)
+        y = fastcnf.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1000.0], dtype=F64),
+                           method=method)
+    assert abs(y[-1].item()) < 1e-8
+    with pytest.warns(fastcnf.StiffnessWarning, match=r"steps over a span of 1e\+04"):  # 3000 such steps
+        fastcnf.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1e4], dtype=F64), method=method)

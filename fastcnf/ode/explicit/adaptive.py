@@ -139,6 +139,7 @@ class AdaptiveRungeKutta:
         outputs = [self.y0]
         try:
             if len(times) > 1:
+                self.stiffness.begin(self._user_t(times[0]), self._user_t(times[-1]))
                 step = self._start(times[0], t[0] if time_grad else None)
                 for i in range(1, len(times)):
                     step = self._advance(step, times[i])
@@ -159,6 +160,7 @@ class AdaptiveRungeKutta:
         anchor = t0.to(torch.float64) if t0.requires_grad and torch.is_grad_enabled() else None
         search = EventSearch(event_fn, self.max_num_steps if self.max_num_steps_given else None, self._user_t)
         try:
+            self.stiffness.begin(self._user_t(t0.item()))
             step = self._start(t0.item(), anchor)
             if search.start(step.t1, step.y1):
                 event_t, y_event = torch.tensor(step.t1, dtype=torch.float64), step.y1

@@ -12,7 +12,9 @@ so  h * |lambda| ~ ||k_a - k_b|| / ||sum_j (a_aj - a_bj) k_j||,  two combination
 stages and no evaluation of f (the estimate does not depend on h). A step counts as stability-limited
 when this exceeds 98% of the method's stability boundary on the negative real axis (3.24 for dopri5,
 Hairer's 3.25; 3.44 for tsit5; 5.06 for dopri8). After ``RUN`` such steps, with fewer than ``RESET``
-unlimited ones between any two, the solve warns once (``StiffnessWarning``) naming t and suggesting
+unlimited ones between any two, and when the stability limit costs more than ``MIN_STEPS`` steps over
+the solve's span (``|t_end - t_0|``; for an event search, the span covered so far), the solve warns
+once (``StiffnessWarning``) naming t and suggesting
 an implicit method; ``options=dict(stiffness="error")`` raises ``StiffProblemError`` instead and
 ``stiffness="off"`` turns the check off. The test runs on every ``CHECK_EVERY``-th accepted step and
 on every step while a run is building (Hairer: every 1000th), so it costs nothing measurable.
@@ -31,13 +33,15 @@ import torch
 
 from ...errors import InvalidOptionError, StiffnessWarning, StiffProblemError
 
-__all__ = ["StiffnessCheck", "STIFFNESS_CHOICES", "stability_boundary", "stage_pair", "RUN", "RESET", "CHECK_EVERY"]
+__all__ = ["StiffnessCheck", "STIFFNESS_CHOICES", "stability_boundary", "stage_pair", "RUN", "RESET", "CHECK_EVERY",
+           "MIN_STEPS"]
 
 STIFFNESS_CHOICES = ("warn", "error", "off")
 RUN = 15  # stability-limited steps that make a problem stiff (Hairer's 15)
 RESET = 6  # consecutive unlimited steps that end a run (Hairer's 6)
 CHECK_EVERY = 50  # accepted steps between two checks while no run is building
 EDGE = 0.98  # fraction of the stability boundary above which a step counts as stability-limited
+MIN_STEPS = 1000  # a stability limit that costs fewer steps over the solve's span is not worth a warning
 
 
 def stage_pair(tableau):
@@ -83,6 +87,7 @@ class StiffnessCheck:
         self.limit = EDGE * stability_boundary(tableau)
         self.steps = self.limited = self.unlimited = 0
         self.reported = False
+        self.t_start, self.span = 0.0, None
         if self.mode != "off":
             a, b = pair
             difference = np.zeros(tableau.stages)
@@ -95,6 +100,11 @@ class StiffnessCheck:
     @property
     def active(self):
         return self.mode != "off" and not self.reported
+
+    def begin(self, t_start, t_end=None):
+        """The solve runs from ``t_start`` to ``t_end`` (None: an event search, open-ended)."""
+        self.t_start = t_start
+        self.span = None if t_end is None else abs(t_end - t_start)
 
     def estimate(self, stages):
         """h * |lambda| from the (S, N) stages of a step (``inf`` is never returned: 0/0 counts as 0)."""
@@ -118,16 +128,21 @@ class StiffnessCheck:
             return
         self.unlimited = 0
         self.limited += 1
-        if self.limited >= RUN:
-            self.reported = True
-            self._report(t, dt, h_lambda)
+        if self.limited < RUN:
+            return
+        span = self.span if self.span is not None else abs(t - self.t_start)
+        if span < MIN_STEPS * abs(dt):  # a stability limit this mild costs little: watch on
+            self.limited = 0
+            return
+        self.reported = True
+        self._report(t, dt, h_lambda, span)
 
-    def _report(self, t, dt, h_lambda):
+    def _report(self, t, dt, h_lambda, span):
         message = (
             f"the problem seems to have become stiff at t={t!r}: {self.name}'s last {RUN} checked steps were "
             f"limited by stability, not accuracy (h*|lambda| ~ {h_lambda:.3g} at the edge of its stability region, "
             f"|lambda| ~ {h_lambda / dt:.3g} with dt={dt:.3g}), so it needs about {h_lambda / dt / self.limit:.3g} "
-            "steps per unit of time. Use an implicit method: method='scipy_solver' with "
+            f"steps per unit of time ({span / abs(dt):.3g} steps over a span of {span:.3g}). Use an implicit method: method='scipy_solver' with "
             "options=dict(solver='LSODA') (adaptive, no gradients), or a fixed-grid implicit method such as "
             "method='radauIIA5' or 'trbdf2' with a step_size.")
         if self.mode == "error":

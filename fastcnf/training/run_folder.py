@@ -10,6 +10,7 @@ folder until the run ends:
   holding a fastcnf run (finished or not) or anything else is refused unless ``--overwrite`` is given,
   which removes the files of an earlier run (``RUN_FILES``) and leaves anything else alone.
 * ``--resume`` needs the run's checkpoint (checked when it is read).
+* A folder the claim created is removed again when the run fails before writing anything into it.
 
 Under torchrun rank 0 claims the folder for every process (they all share it).
 """
@@ -58,6 +59,7 @@ def claim_run_folder(out, resume=False, overwrite=False, world=None):
     """Hold ``out`` for one training (see the module docstring); raises ``RunFolderError``."""
     main = world is None or world.is_main
     lock, message, created = None, None, False
+    new_folder = main and not os.path.exists(out)
     if main:
         try:
             lock, created = _lock(out)
@@ -73,7 +75,10 @@ def claim_run_folder(out, resume=False, overwrite=False, world=None):
     try:
         yield
     finally:
-        _release(lock)
+        left_nothing = new_folder and os.listdir(out) == [LOCK_NAME]
+        _release(lock, remove=left_nothing)
+        if left_nothing:  # the run failed before writing anything: leave no empty folder behind
+            os.rmdir(out)
 
 
 def _lock(out):
@@ -125,7 +130,8 @@ def _message(error, out):
 
 
 def _release(handle, remove=False):
-    """Drop the lock; ``remove`` deletes a lock file this claim created in a folder it was refused."""
+    """Drop the lock; ``remove`` deletes the lock file (one this claim created, in a folder it was refused
+    or that the run left empty)."""
     if handle is not None:
         if remove:
             os.remove(handle.name)

@@ -10,6 +10,7 @@ another address (torchrun's own store would listen on all interfaces).
 import csv
 import datetime
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ from fastcnf.training.distributed import (
     reduce_metrics,
 )
 from fastcnf.training.registry import TRAINING_METHODS
+from fastcnf.training.run_folder import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not dist.is_gloo_available(),
                                 reason="needs Linux (loopback interface 'lo') and torch.distributed with gloo")
@@ -165,7 +167,8 @@ def test_a_killed_process_ends_the_job_and_resume_reproduces_the_run(runs):
 
 
 def test_only_rank_zero_writes_and_prints(runs):
-    assert set(os.listdir(runs.two)) == RUN_FILES
+    assert set(os.listdir(runs.two)) == RUN_FILES | {LOCK_NAME}  # rank 0 held the folder for both processes
+    assert (pathlib.Path(runs.two) / LOCK_NAME).read_text().strip().isdigit()
     assert [int(row["iteration"]) for row in _rows(runs.two)] == list(range(1, ITERATIONS + 1))
     (_, out0, _), (_, out1, _) = runs.reference
     assert out0.count("test NLL") == 1 and out0.count("validation NLL") == 2

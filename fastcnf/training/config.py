@@ -91,6 +91,7 @@ class TrainConfig:
     val_size: int = 2000
     checkpoint_every: int = 100
     plot: bool = True
+    max_nfe: int = 20000
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden)
@@ -139,6 +140,8 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
+        if isinstance(self.max_nfe, bool) or not isinstance(self.max_nfe, int) or self.max_nfe < 0:
+            raise ConfigError(f"max_nfe must be a non-negative integer (0: no limit), got {self.max_nfe!r}.")
         if self.tpr_times < self.tpr_degree:
             raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
         for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho"):

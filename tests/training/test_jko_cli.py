@@ -68,7 +68,7 @@ def test_eval_and_sample_load_the_whole_stack(tmp_path, capsys):
 
 def _cli(out, *extra):
     command = [sys.executable, "-m", "fastcnf", "train", "--method", "jko", "--data", "8gaussians", "--hidden", "16,16",
-               "--batch", "64", "--lr", "1e-2", "--jko-block-iterations", "60", "--jko-max-blocks", "3",
+               "--batch-size", "64", "--lr", "1e-2", "--jko-block-iterations", "60", "--jko-max-blocks", "3",
                "--jko-tolerance", "0", "--jko-reparameterize", "--jko-finetune-iterations", "30", "--jko-pool", "1000",
                "--jko-steps", "2", "--iterations", "1000", "--checkpoint-every", "25", "--val-every", "50",
                "--val-size", "200", "--threads", "1", "--no-plot", "--no-progress", "--out", out, *extra]
@@ -91,8 +91,8 @@ def test_sigkill_mid_stack_and_resume_reproduces_the_uninterrupted_run(tmp_path)
     (["--jko-max-blocks", "0"], "jko_max_blocks must be a positive integer"),
     (["--jko-steps", "-2"], "jko_steps must be a positive integer"),
     (["--jko-tolerance", "-0.1"], "jko_tolerance must be a finite number >= 0"),
-    (["--jko-pool", "100", "--batch", "512"], "batch_size=512 exceeds jko_pool=100"),
-    (["--data", "digits", "--batch", "5000"], "batch size 5000 exceeds the 1437 training points"),
+    (["--jko-pool", "100", "--batch-size", "512"], "batch_size=512 exceeds jko_pool=100"),
+    (["--data", "digits", "--batch-size", "5000"], "batch size 5000 exceeds the 1437 training points"),
 ])
 def test_bad_jko_options_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert main(["train", "--method", "jko", *argv, "--out", str(tmp_path / "run")]) == 2

@@ -91,6 +91,7 @@ class TrainingMethod:
     name = None
     summary = ""
     default_weights = {}
+    default_lr = 1e-3
 
     def regularizers(self, config):
         weights = {name: getattr(config, name) for name in ("kinetic", "jacobian", "tpr_weight")}

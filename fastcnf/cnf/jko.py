@@ -117,7 +117,8 @@ class JKOFlow(Flow):
         net: dynamics of the first block, ``net(t, x) -> dx/dt`` on (B, D) states; later blocks
             start as copies of it (``append_block``).
         interval: h_1, the first block's JKO step (and, with ``block_time="interval"``, its length).
-        solver: a ``BlockSolver`` (default: 4 rk4 steps per block, adjoint gradients).
+        solver: a ``BlockSolver`` for training mode (default: 4 rk4 steps per block, adjoint gradients).
+        test_solver: the ``BlockSolver`` of eval mode (density, sampling; default: ``solver``).
         divergence: estimator name (``fastcnf.cnf.divergence.ESTIMATORS``) or instance, for training.
         test_divergence: estimator in eval mode (default: the training one).
         event_shape: shape of one sample (default ``net.event_shape``).
@@ -129,13 +130,14 @@ class JKOFlow(Flow):
     """
 
     def __init__(self, net, interval, solver=None, divergence="hutchinson-gaussian", test_divergence=None,
-                 event_shape=None, block_time="interval"):
+                 event_shape=None, block_time="interval", test_solver=None):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module f(t, x), got {type(net).__name__}.")
         self.nets = nn.ModuleList([net])
         self._intervals = [require_positive("interval", interval)]
         self.solver = solver if solver is not None else BlockSolver()
+        self.test_solver = test_solver if test_solver is not None else self.solver
         self.train_estimator = _estimator(divergence)
         self.test_estimator = self.train_estimator if test_divergence is None else _estimator(test_divergence)
         self.event_shape = tuple(event_shape) if event_shape is not None else getattr(net, "event_shape", None)
@@ -220,6 +222,9 @@ class JKOFlow(Flow):
         self._intervals = intervals
 
     # ------------------------------------------------------------------ transport
+    def _current_solver(self):
+        return self.solver if self.training else self.test_solver
+
     def _current_estimator(self, estimator):
         if estimator is not None:
             return _estimator(estimator)
@@ -235,7 +240,7 @@ class JKOFlow(Flow):
         estimator = self._current_estimator(estimator)
         estimator.resample(x)
         dynamics = CNFDynamics(self.nets[index], estimator)
-        return self.solver.solve(dynamics, (x, logp), start, end)
+        return self._current_solver().solve(dynamics, (x, logp), start, end)
 
     def block_inverse(self, index, z, logp=None, estimator=None):
         """x_k -> x_{k-1} by integrating block ``index`` backwards in time.
@@ -245,11 +250,11 @@ class JKOFlow(Flow):
         """
         start, end = self.block_times(index)
         if logp is None:
-            return self.solver.solve(self.nets[index], z, end, start)
+            return self._current_solver().solve(self.nets[index], z, end, start)
         estimator = self._current_estimator(estimator)
         estimator.resample(z)
         dynamics = CNFDynamics(self.nets[index], estimator)
-        return self.solver.solve(dynamics, (z, logp), end, start)
+        return self._current_solver().solve(dynamics, (z, logp), end, start)
 
     def forward(self, x, logp=None):
         """x (B, D) -> (x_K, logp - sum_k int tr(df_k/dx) dt) through every block."""
@@ -269,6 +274,7 @@ class JKOFlow(Flow):
     def extra_repr(self):
         intervals = ", ".join(f"{h:.4g}" for h in self._intervals)
         return (f"intervals=[{intervals}], block_time={self.block_time}, solver={self.solver}, "
+                f"test_solver={self.test_solver}, "
                 f"divergence={self.train_estimator.name}, "
                 f"test_divergence={self.test_estimator.name}")
 

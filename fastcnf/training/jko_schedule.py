@@ -129,9 +129,13 @@ def jko_settings(config):
         finetune_lr=config.jko_finetune_lr, lr_decay=config.jko_lr_decay)
 
 
-def block_solver(config):
-    """``BlockSolver`` from a ``TrainConfig`` (``jko_solver`` with ``jko_steps`` steps, or rtol/atol;
-    adjoint gradients unless ``adjoint`` is off)."""
+def block_solver(config, test=False):
+    """``BlockSolver`` from a ``TrainConfig``: for training ``jko_solver`` with ``jko_steps`` steps (or
+    rtol/atol), adjoint gradients unless ``adjoint`` is off; for evaluation (``test``) the same
+    unless ``test_solver`` is set, then that method at ``test_rtol``/``test_atol`` (default rtol/atol)."""
+    if test and config.test_solver is not None:
+        return BlockSolver(config.test_solver, config.jko_steps, config.test_rtol or config.rtol,
+                           config.test_atol or config.atol, config.adjoint)
     return BlockSolver(config.jko_solver, config.jko_steps, config.rtol, config.atol, config.adjoint)
 
 
@@ -275,7 +279,7 @@ class JKOIFlow(TrainingMethod):
         test_divergence = resolve_divergence(config.test_divergence, dim, test=True, train_name=divergence)
         net = ODEnet(dim, config.hidden, config.layer, config.activation)
         return JKOFlow(net, jko_settings(config).interval(0), block_solver(config), divergence, test_divergence,
-                       block_time=config.jko_block_time)
+                       block_time=config.jko_block_time, test_solver=block_solver(config, test=True))
 
     def build_optimization(self, model, config):
         self.schedule = JKOSchedule(model, self.cache, jko_settings(config), config.lr, config.weight_decay,

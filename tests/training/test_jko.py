@@ -364,3 +364,28 @@ def test_jko_refuses_a_sharded_run():
     config = TrainConfig(method="jko", data="8gaussians")
     with pytest.raises(ConfigError, match="torchrun"):
         TRAINING_METHODS["jko"]().sampler(load_dataset("8gaussians"), config, Shard(rank=1, size=2))
+
+
+def test_evaluation_uses_the_test_solver_and_training_the_block_solver():
+    from fastcnf.training.registry import TRAINING_METHODS
+
+    torch.manual_seed(0)
+    config = TrainConfig(method="jko", hidden=(16,), activation="softplus", jko_steps=2, test_solver="dopri5",
+                         test_rtol=1e-8, test_atol=1e-8, divergence="exact")
+    flow = TRAINING_METHODS["jko"]().build_model(config, 2).double()
+    flow.append_block(0.6)
+    assert flow.solver == BlockSolver("rk4", 2, config.rtol, config.atol, True)
+    assert flow.test_solver == BlockSolver("dopri5", 2, 1e-8, 1e-8, True)
+    x = torch.from_numpy(toy_sample("moons", 100, 0)).double()
+    reference = JKOFlow(flow.nets[0], 0.25, BlockSolver("rk4", 256), "exact")
+    reference.append_block(0.6)
+    reference.load_state_dict(flow.state_dict())
+    with torch.no_grad(), track() as evaluation:
+        evaluated = flow.eval().log_prob(x)
+    with torch.no_grad(), track() as training:
+        flow.train().log_prob(x)
+    with torch.no_grad():
+        fine = reference.eval().log_prob(x)
+    torch.testing.assert_close(evaluated, fine, rtol=0, atol=3e-6)
+    assert training.nfe_forward == 2 * 2 * 4  # blocks x rk4 steps x stages
+    assert evaluation.nfe_forward > 4 * training.nfe_forward, evaluation.nfe_forward  # dopri5 at 1e-8

@@ -388,4 +388,4 @@ def test_evaluation_uses_the_test_solver_and_training_the_block_solver():
         fine = reference.eval().log_prob(x)
     torch.testing.assert_close(evaluated, fine, rtol=0, atol=3e-6)
     assert training.nfe_forward == 2 * 2 * 4  # blocks x rk4 steps x stages
-    assert evaluation.nfe_forward > 4 * training.nfe_forward, evaluation.nfe_forward  # dopri5 at 1e-8
+    assert evaluation.nfe_forward > training.nfe_forward and evaluation.solves == 2  # dopri5 at 1e-8, per block

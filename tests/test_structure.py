@@ -88,7 +88,9 @@ GRAPH = {name: _imports(name, path, _modules()) for name, path in _modules().ite
 
 def test_the_root_holds_only_the_public_face():
     assert {path.stem for path in PACKAGE.glob("*.py")} == ROOT_MODULES
-    assert {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"} == set(WING_ORDER)
+    folders = {path.name for path in PACKAGE.iterdir()
+               if path.is_dir() and not path.is_symlink() and path.name != "__pycache__"}
+    assert folders == set(WING_ORDER)  # (a fastcnf/kernels link to kernels/ may exist in a second checkout)
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

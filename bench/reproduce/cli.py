@@ -27,8 +27,8 @@ def protocol_parser(method, description, datasets, seeds, iterations):
     budget.add_argument("--iterations", type=int, help=f"training iterations per run (default {iterations})")
     budget.add_argument("--seconds", type=float, help="training seconds per run instead of iterations (see --clock)")
     parser.add_argument("--clock", choices=CLOCKS, default=None,
-                        help="clock of a --seconds budget: thread (CPU time of the training thread; default on "
-                             "CPU) or wall (default on CUDA)")
+                        help="training clock of a --seconds budget and of the plots: thread (CPU time of the "
+                             "training thread; default on CPU) or wall (default on CUDA)")
     parser.add_argument("--validations", type=int, default=20,
                         help="validation points over the budget, besides the start (default 20: every 5%%)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help=f"seeds (default {seeds})")
@@ -49,11 +49,10 @@ def protocol_parser(method, description, datasets, seeds, iterations):
 
 def budget_from(args):
     """The ``Budget`` the arguments ask for."""
+    clock = args.clock or ("wall" if args.device.startswith("cuda") else "thread")
     if args.seconds is not None:
-        clock = args.clock or ("wall" if args.device.startswith("cuda") else "thread")
         return Budget(seconds=args.seconds, validations=args.validations, clock=clock)
-    return Budget(iterations=args.iterations or args.default_iterations, validations=args.validations,
-                  clock=args.clock or "thread")
+    return Budget(iterations=args.iterations or args.default_iterations, validations=args.validations, clock=clock)
 
 
 def select(arms, args):

@@ -28,14 +28,14 @@ from .mlp_spec import MLPSpec
 from .nets import ConcatLinear, ConcatSquashLinear, IgnoreLinear, ODEnet
 from .noise import noise_source
 from .regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
-from .toflow import CoordinateDescent, TerminalTime, terminal_times
+from .toflow import CoordinateDescent, TerminalTime, terminal_times, time_optimizer
 
 __all__ = [
     "CNF", "CNFDynamics", "Flow", "SequentialFlow", "SolverSettings", "standard_normal_log_prob",
     "DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence", "ESTIMATORS",
     "make_estimator", "noise_source",
     "KineticEnergy", "JacobianFrobenius", "TrajectoryPolynomial",
-    "TerminalTime", "CoordinateDescent", "terminal_times",
+    "TerminalTime", "CoordinateDescent", "terminal_times", "time_optimizer",
     "ODEnet", "ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "MLPSpec",
     "JKOFlow", "BlockSolver", "BlockObjective", "block_objective", "geometric_intervals", "movement",
     "relative_movement", "reparameterized_intervals", "refinement_selection",

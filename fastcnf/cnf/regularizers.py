@@ -7,20 +7,23 @@ work under ``odeint_adjoint`` (RNODE):
     JacobianFrobenius    weight * mean_b  int_0^T |eps^T df/dz|^2 dt   (same noise as the divergence;
                                                                         the exact estimator gives |df/dz|_F^2)
 
-``TrajectoryPolynomial`` (TPR) reads the states at a few random times in [0, T] plus the end
-points, requested as extra output times of the solve (dense output: no extra function
-evaluations, gradients flow under the adjoint), fits a polynomial of degree 1 or 2 in t to them
-by least squares and penalizes the residual:
+``TrajectoryPolynomial`` (TPR, Huang & Yeh 2021) reads the states at K random times in (0, T)
+plus the end points, requested as extra output times of the solve (dense output: no extra
+function evaluations, gradients flow under the adjoint), fits a polynomial of degree p in t to
+them by least squares, independently per sample and state entry, and penalizes the residual with
+the paper's normalization:
 
-    weight * mean |(I - P) Z|^2,   Z: (n_times, state entries),  P = Q Q^T
+    weight * 1/(M B) sum_{i, b, d} ((I - P) Z)_{i,b,d}^2,   M = K + 2 times, B samples, d over z's entries
 
-with Q an orthonormal basis (QR, float64) of the Legendre-Vandermonde matrix in the normalized
-time s = t / T mapped to [-1, 1], so P does not depend on T and stays well conditioned.
+(a sum over the state dimensions, not a mean), P = Q Q^T the projector onto polynomials in time
+and Q an orthonormal basis (QR, float64) of the Legendre-Vandermonde matrix in the normalized
+time s = t / T mapped to [-1, 1], so P does not depend on T and stays well conditioned. Only z is
+fitted unless ``include_logp`` (then the log-density channel counts as one more entry).
 """
 
 import torch
 
-from ..ode.validation import require_choice, require_non_negative
+from ..ode.validation import require_bool, require_non_negative, require_positive_int
 
 __all__ = ["KineticEnergy", "JacobianFrobenius", "TrajectoryPolynomial", "polynomial_basis", "polynomial_residual",
            "REGULARIZERS"]
@@ -94,24 +97,24 @@ class TrajectoryPolynomial:
     """TPR: least-squares polynomial fit of the trajectory at random times, residual penalized.
 
     Args:
-        weight: lambda (the paper uses about 5).
-        degree: polynomial degree, 1 or 2.
-        num_times: K random interior times drawn uniformly in (0, T) per solve (K >= degree, so
-            the K + 2 points over-determine the fit).
-        include_logp: also fit the log-density state (the solver controls its error too).
+        weight: lambda, multiplying the penalty in the loss (the authors use 5).
+        degree: polynomial degree p >= 1 (the authors use 1: straight lines).
+        num_times: K >= degree random interior times drawn uniformly in (0, T) per solve; with the
+            two end points the M = K + 2 >= p + 2 times over-determine the fit (the authors use 2).
+        include_logp: also fit the log-density state (the paper fits z only).
     """
 
     name = "trajectory_polynomial"
     is_state = False
     needs_frobenius = False
-    DEGREES = (1, 2)
 
-    def __init__(self, weight=5.0, degree=2, num_times=4, include_logp=True):
+    def __init__(self, weight=5.0, degree=1, num_times=2, include_logp=False):
         self.weight = _check_weight(weight)
-        require_choice("degree", degree, self.DEGREES)
+        self.degree = require_positive_int("degree", degree)
         if isinstance(num_times, bool) or not isinstance(num_times, int) or num_times < degree:
             raise ValueError(f"num_times must be an integer >= degree={degree}, got {num_times!r}.")
-        self.degree, self.num_times, self.include_logp = degree, num_times, bool(include_logp)
+        self.num_times = num_times
+        self.include_logp = require_bool("include_logp", include_logp)
 
     def sample_fractions(self, device=None):
         """Sorted normalized times [0, u_1, ..., u_K, 1] (float64), u_k ~ U(0, 1) from the global RNG."""
@@ -121,10 +124,13 @@ class TrajectoryPolynomial:
         return torch.cat([ends[:1], interior, ends[1:]])
 
     def penalty(self, fractions, states):
-        """Unweighted mean squared residual for ``states``: a tensor (n, B, ...) or a tuple of them."""
+        """Unweighted paper penalty: squared residual summed over times, samples and state entries,
+        divided by (number of times x batch). ``states``: a tensor (n_times, B, ...) or a tuple of
+        them (their entries per sample are concatenated)."""
         states = states if isinstance(states, (tuple, list)) else (states,)
-        flat = torch.cat([s.reshape(s.shape[0], -1) for s in states], dim=1)
-        return polynomial_residual(fractions, flat, self.degree).pow(2).mean()
+        n_times, batch = states[0].shape[:2]
+        flat = torch.cat([s.reshape(n_times, batch, -1) for s in states], dim=2)
+        return polynomial_residual(fractions, flat, self.degree).pow(2).sum() / (n_times * batch)
 
     def __repr__(self):
         return (f"TrajectoryPolynomial(weight={self.weight}, degree={self.degree}, num_times={self.num_times}, "

@@ -54,10 +54,10 @@ def _pointer(tensor, dtype, numel, name):
 
 def _stage_rows(stages, dtype, rows, numel, name):
     """Pointer to an (S, N) stage buffer whose first ``rows`` rows the C++ code reads (row stride N)."""
-    if stages.dim() != 2 or stages.shape[0] < rows or stages.shape[1] != numel:
-        raise NativeBoundaryError(f"{name} must be an (S >= {rows}, {numel}) tensor, got shape "
-                                  f"{tuple(stages.shape)}.")
-    return _pointer(stages, dtype, stages.numel(), name)
+    shape = stages.shape
+    if len(shape) != 2 or shape[0] < rows or shape[1] != numel:
+        raise NativeBoundaryError(f"{name} must be an (S >= {rows}, {numel}) tensor, got shape {tuple(shape)}.")
+    return _pointer(stages, dtype, shape[0] * numel, name)
 
 
 def _check_dtype(dtype):
@@ -74,7 +74,8 @@ class CpuStageCombiner:
     """Runge-Kutta stage inputs ``y0 + dt * sum_j a_ij k_j`` and solution updates in one C++ pass.
 
     The results are new tensors that this class allocates (of ``shape``, default (N,)); the tensors
-    it reads are checked once when they are handed in (``bind`` / ``separate``).
+    it reads are checked once when they are handed in (``bind`` for an (S, N) stage buffer and then
+    ``start`` for each step's y0, ``separate`` for stages held as separate tensors).
 
     Args:
         a: the strictly lower triangular rows of the tableau (row ``i`` has ``i`` entries).
@@ -93,42 +94,45 @@ class CpuStageCombiner:
         self.row_lengths = [len(row) for row in a]
         self.solution_length = len(b)
         self._cpp = _C.CpuStageCombiner([list(row) for row in a], list(b), dtype == torch.float64)
+        self._input_template = torch.empty(self.shape, dtype=dtype)  # torch.empty_like is the cheapest allocation
+        self._flat_template = self._input_template.view(-1)
 
-    def bind(self, y0, stages):
-        """Combinations of ``y0`` (N,) and the rows of the (S, N) buffer ``stages``, both checked here."""
-        return _BufferStages(self, _pointer(y0, self.dtype, self.numel, "y0"),
-                             _stage_rows(stages, self.dtype, max(self.row_lengths + [self.solution_length]),
-                                         self.numel, "stages"))
+    def bind(self, stages):
+        """Combinations reading the rows of the (S, N) buffer ``stages`` (checked here, once)."""
+        rows = max(self.row_lengths + [self.solution_length])
+        return _BufferStages(self, _stage_rows(stages, self.dtype, rows, self.numel, "stages"))
 
     def separate(self, y0):
         """Combinations of ``y0`` (N,) and stages appended one tensor at a time."""
         return _SeparateStages(self, _pointer(y0, self.dtype, self.numel, "y0"))
 
-    def _new(self, shape):
-        out = torch.empty(shape, dtype=self.dtype)
-        return out, out.data_ptr()
-
 
 class _BufferStages:
-    """Stage inputs from an (S, N) buffer (row stride N) bound by ``CpuStageCombiner.bind``."""
+    """Stage inputs from an (S, N) buffer (row stride N) bound by ``CpuStageCombiner.bind``; ``start(y0)``
+    checks and sets the state each step starts from."""
 
-    __slots__ = ("combiner", "y0", "stages")
+    __slots__ = ("combiner", "stages", "y0", "_stage", "_solution", "_template", "_numel")
 
-    def __init__(self, combiner, y0, stages):
-        self.combiner, self.y0, self.stages = combiner, y0, stages
+    def __init__(self, combiner, stages):
+        self.combiner, self.stages, self.y0 = combiner, stages, None
+        self._stage, self._solution = combiner._cpp.stage, combiner._cpp.solution
+        self._template, self._numel = combiner._input_template, combiner.numel
+
+    def start(self, y0):
+        """Set (and check) the (N,) state the next combinations start from; returns self."""
+        self.y0 = _pointer(y0, self.combiner.dtype, self._numel, "y0")
+        return self
 
     def stage_input(self, index, dt):
         """Input of stage ``index``: ``y0 + dt * a[index] @ stages[:index]``, of the combiner's shape."""
-        combiner = self.combiner
-        out, pointer = combiner._new(combiner.shape)
-        combiner._cpp.stage(index, pointer, self.y0, self.stages, combiner.numel, combiner.numel, dt)
+        out = torch.empty_like(self._template)
+        self._stage(index, out.data_ptr(), self.y0, self.stages, self._numel, self._numel, dt)
         return out
 
     def solution(self, dt):
         """``y0 + dt * b @ stages`` as a new (N,) tensor."""
-        combiner = self.combiner
-        out, pointer = combiner._new((combiner.numel,))
-        combiner._cpp.solution(pointer, self.y0, self.stages, combiner.numel, combiner.numel, dt)
+        out = torch.empty_like(self.combiner._flat_template)
+        self._solution(out.data_ptr(), self.y0, self.stages, self._numel, self._numel, dt)
         return out
 
 
@@ -146,7 +150,9 @@ class _SeparateStages:
         combiner = self.combiner
         if stage.dtype is not combiner.dtype or not stage.is_contiguous():
             stage = stage.to(combiner.dtype).contiguous()
-        self.pointers.append(_pointer(stage, combiner.dtype, combiner.numel, f"stage {len(self.pointers)}"))
+        if not stage.is_cpu or stage.numel() != combiner.numel:
+            _pointer(stage, combiner.dtype, combiner.numel, f"stage {len(self.pointers)}")  # raises, naming it
+        self.pointers.append(stage.data_ptr())
         self.tensors.append(stage)
         return stage
 
@@ -156,8 +162,8 @@ class _SeparateStages:
         if len(self.pointers) < combiner.row_lengths[index]:
             raise NativeBoundaryError(f"stage {index} needs {combiner.row_lengths[index]} stages, have "
                                       f"{len(self.pointers)}.")
-        out, pointer = combiner._new(combiner.shape)
-        combiner._cpp.stage_from(index, pointer, self.y0, self.pointers, combiner.numel, dt)
+        out = torch.empty_like(combiner._input_template)
+        combiner._cpp.stage_from(index, out.data_ptr(), self.y0, self.pointers, combiner.numel, dt)
         return out
 
     def solution(self, dt):
@@ -166,8 +172,8 @@ class _SeparateStages:
         if len(self.pointers) < combiner.solution_length:
             raise NativeBoundaryError(f"the solution needs {combiner.solution_length} stages, have "
                                       f"{len(self.pointers)}.")
-        out, pointer = combiner._new((combiner.numel,))
-        combiner._cpp.solution_from(pointer, self.y0, self.pointers, combiner.numel, dt)
+        out = torch.empty_like(combiner._flat_template)
+        combiner._cpp.solution_from(out.data_ptr(), self.y0, self.pointers, combiner.numel, dt)
         return out
 
 
@@ -187,9 +193,16 @@ class CppStepController:
             dfactor=rule.dfactor, min_step=rule.min_step, max_step=rule.max_step, is_double=dtype == torch.float64)
 
     def step(self, y0, y1, stages, dt):
+        """``(accept, dt_next, error_ratio, status)`` of the trial step y0 -> y1 with (S, N) ``stages``."""
         n, dtype = self.numel, self.dtype
-        return self._cpp.step(_pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1"),
-                              _stage_rows(stages, dtype, self.rows, n, "stages"), n, dt)
+        # the checks of _pointer/_stage_rows, inlined: this runs once per trial step
+        if not (y0.dtype is dtype and y1.dtype is dtype and stages.dtype is dtype and y0.is_cpu and y1.is_cpu
+                and stages.is_cpu and y0.is_contiguous() and y1.is_contiguous() and stages.is_contiguous()
+                and y0.numel() == n and y1.numel() == n and stages.dim() == 2 and stages.shape[1] == n
+                and stages.shape[0] >= self.rows):
+            _pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1")  # one of these raises, naming the tensor,
+            _stage_rows(stages, dtype, self.rows, n, "stages")            # or this one
+        return self._cpp.step(y0.data_ptr(), y1.data_ptr(), stages.data_ptr(), n, dt)
 
 
 def cpp_propose_step(error_ratio, dt, rule):

@@ -34,6 +34,7 @@ def _add_train_parser(commands):
     from ..cnf.jko import BLOCK_TIMES
     from ..cnf.nets import ACTIVATIONS, LAYERS
     from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
+    from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
     from ..ode.registry import METHODS as SOLVERS
     from .config import DIVERGENCE_CHOICES
     from .data import DATASET_NAMES
@@ -52,8 +53,8 @@ def _add_train_parser(commands):
     group.add_argument("--layer", choices=tuple(LAYERS), help="layer kind (default concatsquash)")
     group.add_argument("--activation", choices=tuple(ACTIVATIONS), help="activation (default tanh)")
     group.add_argument("--blocks", type=int, help="number of stacked CNF blocks (default 1)")
-    group.add_argument("--end-time", dest="end_time", type=float, help="T of each block (toflow: initial T; "
-                                                                        "default 0.5)")
+    group.add_argument("--end-time", dest="end_time", type=float, help="T of each block (default 0.5; toflow: "
+                                                                        "initial T, default 1)")
     group = parser.add_argument_group("solver")
     group.add_argument("--solver", choices=tuple(SOLVERS), help="ODE method for training (default dopri5)")
     group.add_argument("--rtol", type=float, help="relative tolerance (default 1e-5)")
@@ -71,18 +72,26 @@ def _add_train_parser(commands):
     group = parser.add_argument_group("regularizers")
     group.add_argument("--kinetic", type=float, help="kinetic energy weight (rnode default 0.01)")
     group.add_argument("--jacobian", type=float, help="Jacobian Frobenius weight (rnode default 0.01)")
-    group.add_argument("--tpr-weight", dest="tpr_weight", type=float, help="TPR weight (tpr default 5)")
-    group.add_argument("--tpr-degree", dest="tpr_degree", type=int, help="TPR polynomial degree 1 or 2 (default 2)")
-    group.add_argument("--tpr-times", dest="tpr_times", type=int, help="TPR random times per solve (default 4)")
-    group = parser.add_argument_group("TO-FLOW")
-    group.add_argument("--time-lr", dest="time_lr", type=float, help="learning rate of T (default 0.01)")
-    group.add_argument("--time-alpha", dest="time_alpha", type=float, help="temporal regularizer weight (0.01)")
+    group.add_argument("--tpr-weight", dest="tpr_weight", type=float, help="TPR weight lambda (tpr default 5)")
+    group.add_argument("--tpr-degree", dest="tpr_degree", type=int, help="TPR polynomial degree p >= 1 (default 1)")
+    group.add_argument("--tpr-times", dest="tpr_times", type=int,
+                       help="TPR random interior times per solve, K >= p (default 2; the end points are added)")
+    group.add_argument("--tpr-logp", dest="tpr_logp", action="store_true",
+                       help="TPR also fits the log-density state (the paper fits z only)")
+    group = parser.add_argument_group("TO-FLOW (--method toflow; T is stepped by SGD with momentum)")
+    group.add_argument("--time-lr", dest="time_lr", type=float,
+                       help="learning rate of T, in time^2 per nat (default 1e-3)")
+    group.add_argument("--time-momentum", dest="time_momentum", type=float, help="momentum of T's SGD (0.9)")
+    group.add_argument("--time-alpha", dest="time_alpha", type=float,
+                       help="temporal regularizer weight, nats per unit of time (default 0.1)")
     group.add_argument("--time-regularizer", dest="time_regularizer", choices=TIME_REGULARIZERS,
-                       help="alpha*T (linear) or alpha*T^2 (quadratic)")
-    group.add_argument("--t-min", dest="t_min", type=float, help="lower clip of T (default 0.05)")
-    group.add_argument("--t-max", dest="t_max", type=float, help="upper clip of T (default 5)")
-    group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight iterations per cycle (3)")
-    group.add_argument("--time-steps", dest="time_steps", type=int, help="T iterations per cycle (1)")
+                       help="alpha*T (linear, default) or alpha*T^2 (quadratic)")
+    group.add_argument("--t-min", dest="t_min", type=float, help="lower clip of T (default 0.1)")
+    group.add_argument("--t-max", dest="t_max", type=float, help="upper clip of T (default 1.9)")
+    group.add_argument("--time-schedule", dest="time_schedule", choices=TIME_SCHEDULES,
+                       help="joint: T stepped from the weights' pass (default); alternate: T iterations of its own")
+    group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight steps per cycle (default 1)")
+    group.add_argument("--time-steps", dest="time_steps", type=int, help="T steps per cycle (default 1)")
     group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule; "
                                       "--no-adjoint backpropagates through each block's solver)")
     group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's step h_0 (default 0.25)")

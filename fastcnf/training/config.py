@@ -12,6 +12,7 @@ from ..cnf.divergence import ESTIMATORS
 from ..cnf.jko import BLOCK_TIMES
 from ..cnf.nets import ACTIVATIONS, LAYERS
 from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
+from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
 from ..ode.registry import METHODS as SOLVERS
 from ..ode.validation import (
     require_choice,
@@ -47,7 +48,7 @@ class TrainConfig:
     layer: str = "concatsquash"
     activation: str = "tanh"
     blocks: int = 1
-    end_time: float = 0.5
+    end_time: float = None
     solver: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -62,14 +63,17 @@ class TrainConfig:
     kinetic: float = None
     jacobian: float = None
     tpr_weight: float = None
-    tpr_degree: int = 2
-    tpr_times: int = 4
-    time_lr: float = 0.01
-    time_alpha: float = 0.01
+    tpr_degree: int = 1
+    tpr_times: int = 2
+    tpr_logp: bool = False
+    time_lr: float = 1e-3
+    time_momentum: float = 0.9
+    time_alpha: float = 0.1
     time_regularizer: str = "linear"
-    t_min: float = 0.05
-    t_max: float = 5.0
-    weight_steps: int = 3
+    t_min: float = 0.1
+    t_max: float = 1.9
+    time_schedule: str = "joint"
+    weight_steps: int = 1
     time_steps: int = 1
     jko_h0: float = JKOSettings.h0
     jko_rho: float = JKOSettings.rho
@@ -108,6 +112,8 @@ class TrainConfig:
         self.hidden = tuple(self.hidden)
         if self.lr is None and self.method in TRAINING_METHODS:
             self.lr = TRAINING_METHODS[self.method].default_lr
+        if self.end_time is None and self.method in TRAINING_METHODS:
+            self.end_time = TRAINING_METHODS[self.method].default_end_time
         self.validate()
 
     def as_dict(self):
@@ -139,6 +145,7 @@ class TrainConfig:
         _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
         _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)
+        _choice("time schedule", self.time_schedule, TIME_SCHEDULES)
         _choice("jko_solver", self.jko_solver, tuple(SOLVERS))
         _choice("jko_block_time", self.jko_block_time, BLOCK_TIMES)
         if not self.hidden:
@@ -146,13 +153,11 @@ class TrainConfig:
         for width in self.hidden:
             _positive_int("hidden width", width)
         for name in ("blocks", "iterations", "batch_size", "val_every", "val_size", "checkpoint_every",
-                     "weight_steps", "time_steps", "tpr_times", "jko_block_iterations", "jko_max_blocks",
-                     "jko_finetune_iterations", "jko_rounds", "jko_steps", "jko_pool"):
+                     "weight_steps", "time_steps", "tpr_degree", "tpr_times", "jko_block_iterations",
+                     "jko_max_blocks", "jko_finetune_iterations", "jko_rounds", "jko_steps", "jko_pool"):
             _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
-        if self.tpr_degree not in (1, 2):
-            raise ConfigError(f"tpr_degree must be 1 or 2, got {self.tpr_degree!r}.")
         if self.tpr_times < self.tpr_degree:
             raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
         for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho", "jko_h_min",
@@ -168,6 +173,12 @@ class TrainConfig:
         require_fraction("jko_eta", self.jko_eta, error=ConfigError)
         if not self.jko_h_min <= self.jko_h_max:
             raise ConfigError(f"need jko_h_min <= jko_h_max, got {self.jko_h_min} and {self.jko_h_max}.")
+        if _non_negative("time_momentum", self.time_momentum) >= 1:
+            raise ConfigError(f"time_momentum must lie in [0, 1), got {self.time_momentum!r}.")
+        if self.time_schedule == "joint" and self.time_steps > self.weight_steps:
+            raise ConfigError(f"the joint time schedule steps T together with the weights: time_steps="
+                              f"{self.time_steps} cannot exceed weight_steps={self.weight_steps} (use the alternate "
+                              "schedule).")
         if not self.t_min < self.t_max:
             raise ConfigError(f"need t_min < t_max, got {self.t_min} and {self.t_max}.")
         if self.method == "toflow" and not self.t_min <= self.end_time <= self.t_max:

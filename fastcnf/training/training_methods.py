@@ -26,7 +26,7 @@ import torch
 from ..cnf.flow import CNF, SequentialFlow, SolverSettings
 from ..cnf.nets import ODEnet
 from ..cnf.regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
-from ..cnf.toflow import CoordinateDescent, TerminalTime, terminal_times
+from ..cnf.toflow import CoordinateDescent, TerminalTime, terminal_times, time_optimizer
 from .sharding import sharded_sampler
 
 __all__ = ["TrainingMethod", "OptimizerStep", "FFJORD", "RNODE", "TPR", "TOFLOW", "build_flow", "resolve_divergence"]
@@ -92,6 +92,7 @@ class TrainingMethod:
     summary = ""
     default_weights = {}
     default_lr = 1e-3
+    default_end_time = 0.5  # FFJORD's toy setting
 
     def regularizers(self, config):
         weights = {name: getattr(config, name) for name in ("kinetic", "jacobian", "tpr_weight")}
@@ -103,7 +104,8 @@ class TrainingMethod:
         if weights["jacobian"] > 0:
             regularizers.append(JacobianFrobenius(weights["jacobian"]))
         if weights["tpr_weight"] > 0:
-            regularizers.append(TrajectoryPolynomial(weights["tpr_weight"], config.tpr_degree, config.tpr_times))
+            regularizers.append(TrajectoryPolynomial(weights["tpr_weight"], config.tpr_degree, config.tpr_times,
+                                                     config.tpr_logp))
         return regularizers
 
     def end_time(self, config):
@@ -155,8 +157,15 @@ class TPR(TrainingMethod):
 
 
 class TOFLOW(TrainingMethod):
+    """TO-FLOW: each block's T starts at ``end_time`` (default 1, the authors'), is penalized by
+    ``time_alpha`` * T (or T^2), stepped by SGD with momentum (``fastcnf.cnf.toflow.time_optimizer``;
+    see ``fastcnf.cnf.toflow`` for why not Adam) and clipped to [t_min, t_max] = [0.1, 1.9] by default.
+    The schedule (``time_schedule``, ``weight_steps`` : ``time_steps``) defaults to the authors'
+    released one: weights and T stepped from the same pass every iteration."""
+
     name = "toflow"
     summary = "trainable end time per block, coordinate descent on weights and T (TO-FLOW)"
+    default_end_time = 1.0
 
     def end_time(self, config):
         return TerminalTime(init=config.end_time, t_min=config.t_min, t_max=config.t_max,
@@ -167,7 +176,5 @@ class TOFLOW(TrainingMethod):
         time_ids = {id(p) for t in times for p in t.parameters()}
         weights = [p for p in model.parameters() if id(p) not in time_ids]
         weight_optimizer = torch.optim.Adam(weights, lr=config.lr, weight_decay=config.weight_decay)
-        time_optimizer = torch.optim.Adam([p for t in times for p in t.parameters()], lr=config.time_lr)
-        return CoordinateDescent(weight_optimizer, time_optimizer, times, config.weight_steps, config.time_steps)
-
-
+        return CoordinateDescent(weight_optimizer, time_optimizer(times, config.time_lr, config.time_momentum), times,
+                                 config.weight_steps, config.time_steps, config.time_schedule)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -104,6 +105,54 @@ def test_residual_agrees_with_numpy_style_lstsq_in_physical_time():
     torch.testing.assert_close(polynomial_residual(s, values, 2), values - vandermonde @ coefficients)
 
 
+def _lstsq_penalty(times, states, degree):
+    """The paper's penalty by direct least squares: a polynomial in t fitted to each (sample, entry)
+    series with numpy, squared residuals summed over times, samples and entries, / (times x batch)."""
+    n_times, batch = states.shape[:2]
+    series = states.reshape(n_times, batch, -1)
+    vandermonde = np.vander(times, degree + 1)
+    total = 0.0
+    for b in range(batch):
+        for d in range(series.shape[2]):
+            coefficients, *_ = np.linalg.lstsq(vandermonde, series[:, b, d], rcond=None)
+            total += np.sum((series[:, b, d] - vandermonde @ coefficients) ** 2)
+    return total / (n_times * batch)
+
+
+def _hand_built_trajectory(times, batch=3, dim=2):
+    """z_{b,d}(t) = amplitude sin(frequency t + phase) + 0.3 t^3, different for every (b, d)."""
+    b, d = np.meshgrid(np.arange(batch), np.arange(dim), indexing="ij")
+    amplitude, frequency, phase = 1.0 + 0.5 * b, 2.0 + d + 0.3 * b, 0.2 * (b + 2 * d)
+    t = times[:, None, None]
+    return amplitude * np.sin(frequency * t + phase) + 0.3 * t ** 3
+
+
+@pytest.mark.parametrize("degree, num_times", [(1, 2), (1, 4), (2, 3), (3, 5)])
+def test_tpr_penalty_is_the_papers_least_squares_residual(degree, num_times):
+    end = 0.7  # the fit is in physical time; the penalty does not depend on T
+    fractions = np.array([0.0] + sorted(np.random.default_rng(degree).uniform(0, 1, num_times)) + [1.0])
+    states = _hand_built_trajectory(fractions * end)
+    reg = TrajectoryPolynomial(degree=degree, num_times=num_times)
+    value = reg.penalty(torch.from_numpy(fractions), torch.from_numpy(states))
+    expected = _lstsq_penalty(fractions * end, states, degree)
+    assert expected > 1e-6
+    torch.testing.assert_close(value, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=0)
+    # the log-density channel is one more entry per sample
+    logp = np.cos(3 * fractions * end)[:, None] * np.arange(1, 4)[None, :]
+    with_logp = reg.penalty(torch.from_numpy(fractions), (torch.from_numpy(states), torch.from_numpy(logp)))
+    expected = _lstsq_penalty(fractions * end, np.concatenate([states, logp[:, :, None]], axis=2), degree)
+    torch.testing.assert_close(with_logp, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_tpr_penalty_sums_over_dimensions_and_averages_over_samples():
+    fractions = torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=torch.float64)
+    states = torch.from_numpy(_hand_built_trajectory(fractions.numpy()))
+    reg = TrajectoryPolynomial()
+    value = reg.penalty(fractions, states)
+    torch.testing.assert_close(reg.penalty(fractions, torch.cat([states, states], dim=1)), value)  # 2x the batch
+    torch.testing.assert_close(reg.penalty(fractions, torch.cat([states, states], dim=2)), 2 * value)  # 2x dims
+
+
 def test_tpr_penalty_gradient_matches_gradcheck():
     reg = TrajectoryPolynomial(degree=2, num_times=3)
     s = torch.tensor([0.0, 0.3, 0.5, 0.7, 1.0], dtype=torch.float64)
@@ -158,6 +207,42 @@ def test_tpr_penalty_and_gradients_under_the_adjoint():
     torch.testing.assert_close(results[0][1][0, 1], finite_difference, rtol=1e-5, atol=1e-8)
 
 
+class Swirl(nn.Module):
+    """A nonlinear f(t, z) = tanh(z A^T) + t b, whose log-density channel is not linear in t."""
+
+    def __init__(self):
+        super().__init__()
+        self.matrix = nn.Parameter(torch.tensor([[0.4, 1.5], [-1.2, 0.8]], dtype=torch.float64))
+        self.shift = nn.Parameter(torch.tensor([0.5, -0.3], dtype=torch.float64))
+
+    def forward(self, t, z):
+        return torch.tanh(z @ self.matrix.t()) + t * self.shift
+
+
+def test_tpr_in_a_cnf_fits_z_only_unless_include_logp():
+    from fastcnf import odeint
+
+    x = _points(7)
+    terms = {}
+    for include_logp in (False, True):
+        reg = TrajectoryPolynomial(weight=5.0, include_logp=include_logp)
+        cnf = CNF(Swirl(), end_time=0.9, divergence="exact", regularizers=[reg], train_solver=TIGHT)
+        torch.manual_seed(3)
+        cnf(x)
+        terms[include_logp] = cnf.regularization_terms()["trajectory_polynomial"]
+        torch.manual_seed(3)
+        fractions = reg.sample_fractions()
+        with torch.no_grad():
+            z, logp = odeint(cnf.dynamics, (x, torch.zeros(7, dtype=torch.float64)), fractions * 0.9,
+                             rtol=1e-10, atol=1e-10)
+        expected = _lstsq_penalty((fractions * 0.9).numpy(), np.concatenate(
+            [z.numpy(), logp.numpy()[:, :, None]], axis=2) if include_logp else z.numpy(), 1)
+        torch.testing.assert_close(terms[include_logp].detach(), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(cnf.regularization(), 5.0 * terms[include_logp])
+    assert terms[True] > terms[False] * (1 + 1e-3)
+
+
 def test_tpr_random_times_are_sorted_inside_the_interval():
     reg = TrajectoryPolynomial(num_times=6)
     fractions = reg.sample_fractions()
@@ -168,8 +253,11 @@ def test_tpr_random_times_are_sorted_inside_the_interval():
 @pytest.mark.parametrize("build, message", [
     (lambda: KineticEnergy(-1.0), "weight must be a finite number >= 0"),
     (lambda: JacobianFrobenius(math.nan), "weight must be a finite number >= 0"),
-    (lambda: TrajectoryPolynomial(degree=3), "unknown degree 3"),
-    (lambda: TrajectoryPolynomial(degree=2, num_times=1), "num_times must be an integer >= degree=2"),
+    (lambda: TrajectoryPolynomial(degree=0), "degree must be a positive integer"),
+    (lambda: TrajectoryPolynomial(degree=1.5), "degree must be a positive integer"),
+    (lambda: TrajectoryPolynomial(degree=3), "num_times must be an integer >= degree=3"),
+    (lambda: TrajectoryPolynomial(degree=2, num_times=2.0), "num_times must be an integer >= degree=2"),
+    (lambda: TrajectoryPolynomial(include_logp="yes"), "include_logp must be True or False"),
 ])
 def test_bad_arguments_are_rejected(build, message):
     with pytest.raises(ValueError, match=message):

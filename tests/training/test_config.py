@@ -22,10 +22,14 @@ def test_defaults_are_valid_and_round_trip_through_a_dict():
     (dict(batch_size=2.5), "batch_size must be a positive integer"),
     (dict(hidden=(64, 0)), "hidden width must be a positive integer"),
     (dict(kinetic=-1.0), "kinetic must be a finite number >= 0"),
-    (dict(tpr_degree=3), "tpr_degree must be 1 or 2"),
-    (dict(tpr_times=1), "tpr_times must be >= tpr_degree=2"),
+    (dict(tpr_degree=0), "tpr_degree must be a positive integer"),
+    (dict(tpr_degree=3), "tpr_times must be >= tpr_degree=3"),
     (dict(t_min=2.0, t_max=1.0), "need t_min < t_max"),
     (dict(method="toflow", end_time=9.0), r"end_time=9.0 must lie in \[t_min, t_max\]"),
+    (dict(time_schedule="random"), "unknown time schedule 'random'"),
+    (dict(time_momentum=1.0), "time_momentum must lie in"),
+    (dict(time_momentum=-0.1), "time_momentum must be a finite number >= 0"),
+    (dict(weight_steps=1, time_steps=2), "time_steps=2 cannot exceed weight_steps=1"),
     (dict(solver="rk4"), "solver 'rk4' is fixed-step: pass a step size"),
     (dict(step_size=0.1), "solver 'dopri5' chooses its own steps"),
     (dict(seed=-1), "seed must be a non-negative integer"),
@@ -33,6 +37,13 @@ def test_defaults_are_valid_and_round_trip_through_a_dict():
 def test_bad_settings_are_rejected(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes)
+
+
+def test_end_time_default_depends_on_the_method():
+    assert TrainConfig().end_time == 0.5  # FFJORD's toy setting
+    assert TrainConfig(method="toflow").end_time == 1.0  # TO-FLOW starts at T = 1
+    assert TrainConfig(method="toflow", end_time=0.7).end_time == 0.7
+    assert TrainConfig(weight_steps=1, time_steps=2, time_schedule="alternate").time_steps == 2
 
 
 def test_fixed_step_solver_with_step_size_and_unknown_keys():

@@ -30,6 +30,27 @@ def test_method_defaults():
     assert _build("tpr")[1].blocks[0].regularizers[0].weight == 5.0
     assert all(isinstance(block.terminal_time, TerminalTime) for block in _build("toflow")[1].blocks)
     assert all(block.terminal_time is None for block in _build("ffjord")[1].blocks)
+    assert [_build(name)[0].end_time for name in ("ffjord", "toflow")] == [0.5, 1.0]
+    config = _build("toflow")[0]
+    assert (config.time_schedule, config.weight_steps, config.time_steps) == ("joint", 1, 1)
+    assert (config.t_min, config.t_max) == (0.1, 1.9)
+    optimization = TRAINING_METHODS["toflow"]().build_optimization(_build("toflow")[1], config)
+    assert isinstance(optimization.time_optimizer, torch.optim.SGD)
+    assert optimization.time_optimizer.defaults["momentum"] == config.time_momentum == 0.9
+
+
+def test_tpr_settings_reach_the_regularizer_from_the_config_and_the_cli():
+    from fastcnf.training.cli import build_parser
+
+    (reg,) = _build("tpr")[1].blocks[0].regularizers
+    assert (reg.weight, reg.degree, reg.num_times, reg.include_logp) == (5.0, 1, 2, False)  # the paper's
+    args = vars(build_parser().parse_args(["train", "--method", "tpr", "--tpr-weight", "1.5", "--tpr-degree", "3",
+                                           "--tpr-times", "4", "--tpr-logp", "--hidden", "8", "--rtol", "1e-3",
+                                           "--atol", "1e-3"]))
+    args.pop("command")
+    config = TrainConfig(**args)
+    (reg,) = TRAINING_METHODS["tpr"]().build_model(config, 2).blocks[0].regularizers
+    assert (reg.weight, reg.degree, reg.num_times, reg.include_logp) == (1.5, 3, 4, True)
 
 
 def test_explicit_weights_combine_with_any_method():
@@ -58,7 +79,7 @@ def test_auto_divergence():
 @pytest.mark.parametrize("method", sorted(set(TRAINING_METHODS) - {"jko"}))  # block-wise jko: tests/test_jko*.py
 def test_loss_and_one_optimization_step(method):
     torch.manual_seed(0)
-    config, model = _build(method, time_steps=1, weight_steps=1)
+    config, model = _build(method, time_schedule="alternate", time_steps=1, weight_steps=1)
     method_object = TRAINING_METHODS[method]()
     optimization = method_object.build_optimization(model, config)
     expected = CoordinateDescent if method == "toflow" else OptimizerStep
@@ -72,7 +93,8 @@ def test_loss_and_one_optimization_step(method):
         optimization.step()
         assert torch.isfinite(loss)
         assert metrics["nll"] + metrics["regularization"] == pytest.approx(loss.item(), rel=1e-6)
-        assert metrics["end_time"] == pytest.approx(1.0, rel=0.1)  # two blocks of T = 0.5
+        # two blocks of T = 0.5 (toflow: T starts at 1 and moves by at most lr * |dL/dT|)
+        assert metrics["end_time"] == pytest.approx(2.0 if method == "toflow" else 1.0, rel=0.1)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert any("net" in name for name in changed)
     assert any("terminal_time" in name for name in changed) == (method == "toflow")

@@ -1,7 +1,7 @@
 """The C++ twin of the reference controller (``fastcnf._C`` through ``fastcnf.ode.native``)."""
 
 from ..native import CppStepController
-from .interface import Decision, Status, StepSizeController
+from .interface import StepSizeController
 
 __all__ = ["CppController"]
 
@@ -13,7 +13,6 @@ class CppController(StepSizeController):
     def __init__(self, rule, error_weights, rtol, atol, norm, dtype, numel):
         super().__init__(rule, error_weights, rtol, atol, norm)
         self.native = CppStepController(self.error_weights, rtol, atol, norm, rule, dtype, numel)
-
-    def adapt(self, y0, y1, stages, dt):
-        accept, dt_next, ratio, status = self.native.step(y0, y1, stages, dt)
-        return Decision(accept, dt_next, ratio, Status(status))
+        # the checked C++ call itself: a plain (accept, dt_next, error_ratio, status) tuple in Decision's
+        # order (status the int of its Status member), without a Python layer per step
+        self.adapt = self.native.step

@@ -89,7 +89,8 @@ class StepSizeController:
                                  time_arg)
 
     def adapt(self, y0, y1, stages, dt):
-        """``Decision`` on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``."""
+        """The decision on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``: a ``Decision``, or
+        (C++ twin, to save a Python layer per step) a plain tuple in its order; callers unpack it."""
         raise NotImplementedError
 
 

@@ -244,11 +244,14 @@ class AdaptiveRungeKutta:
         decision = self.controller.adapt(y0, y1, stages, dt)
         if self.controller.on_device:
             decision = decision.to_host()
-        self._check_status(decision.status, t0, dt)
-        if not decision.accept:
+        accept, dt_next, _, status = decision
+        self._last_nonfinite = status != Status.OK
+        if self._last_nonfinite:
+            self._count_nonfinite(status, t0, dt)
+        if not accept:
             self.dynamics.callback("callback_reject_step", t0, y0, dt)
             self.rejected += 1
-            step.dt_next = decision.dt_next
+            step.dt_next = dt_next
             return step
 
         self.dynamics.callback("callback_accept_step", t0, y0, dt)
@@ -260,19 +263,17 @@ class AdaptiveRungeKutta:
             if self._next_jump_t != len(self.jump_t) - 1:
                 self._next_jump_t += 1
             f1 = self.dynamics(self._time(t1), y1, Perturb.NEXT)
-        return AcceptedStep(t0, t1, y0, y1, stages, f1, decision.dt_next, buffer)
+        return AcceptedStep(t0, t1, y0, y1, stages, f1, dt_next, buffer)
 
-    def _check_status(self, status, t0, dt):
-        """Count trial steps with NaN/Inf in them and raise when the solve cannot go on."""
-        self._last_nonfinite = status != Status.OK
+    def _count_nonfinite(self, status, t0, dt):
+        """A trial step had NaN/Inf in it: raise when the solve cannot go on."""
         if status == Status.FAILED_NONFINITE:
             raise solve_failure(status, self._user_t(t0), dt)
-        if self._last_nonfinite:
-            self._nonfinite_trials += 1
-            if self._nonfinite_trials > MAX_NONFINITE_TRIALS:
-                raise NonFiniteStateError(
-                    f"NaN/Inf in {self._nonfinite_trials} trial steps near t={self._user_t(t0)!r}: the solution "
-                    "overflows or the dynamics are not finite there.")
+        self._nonfinite_trials += 1
+        if self._nonfinite_trials > MAX_NONFINITE_TRIALS:
+            raise NonFiniteStateError(
+                f"NaN/Inf in {self._nonfinite_trials} trial steps near t={self._user_t(t0)!r}: the solution "
+                "overflows or the dynamics are not finite there.")
 
     # ------------------------------------------------------------------ output
     def _dense(self, step, t_out):

@@ -51,7 +51,11 @@ class ExplicitRKStepper:
         self.start_perturb = Perturb.NEXT if perturb_start else Perturb.NONE
         self.end_perturb = Perturb.PREV if perturb_end else Perturb.NONE
         self.numel, self.dtype, self.device = numel, dtype, device
-        self.buffers = self.buffer_combiner = self.separate_combiner = None
+        self.buffers = self.buffer_combiner = self.separate_combiner = self._bound_buffers = None
+        self._fsal = tableau.fsal
+        # (index, node, node == 1) of the stages after the first: a stage at node 1 is evaluated at t1
+        # (just before it, with end_perturb); the others at t0 + node * dt
+        self._stages = tuple((i, c_i, c_i == 1) for i, c_i in enumerate(tableau.c) if i > 0)
         backend = select_backend(device)
         self.triton = _triton_combiner(tableau, dtype, device) if backend == "triton" else None
         self.native = backend == "cpp" and device.type == "cpu" and dtype in NATIVE_DTYPES
@@ -67,12 +71,14 @@ class ExplicitRKStepper:
         stages = self.tableau.stages
         self.buffers = [torch.empty(stages, self.numel, dtype=self.dtype, device=self.device) for _ in range(2)]
         self._rows = [[buf[i] for i in range(stages)] for buf in self.buffers]
-        self._shaped_rows = [[row.view(self._shape) for row in rows] for rows in self._rows]
+        self._shaped_rows = [[row.view(self._shape) for row in rows] for rows in self._rows] if self._shaped \
+            else self._rows
         if self.native:  # separate stages at every size (fixed grids); the buffer for small states only
             self.separate_combiner = CpuStageCombiner(self.tableau.a, self.tableau.b, self.dtype, self.numel,
                                                       self._shape)
             if self.numel <= FUSED_MAX_NUMEL:
                 self.buffer_combiner = self.separate_combiner
+                self._bound_buffers = [self.buffer_combiner.bind(buf) for buf in self.buffers]
 
     def first_stage(self, time, y0):
         return self.dynamics(time, y0, self.start_perturb)
@@ -102,75 +108,70 @@ class ExplicitRKStepper:
             return self._step_native_buffer(t0, y0, f0, dt, t1, time, buffer)
         return self._step_inplace(t0, y0, f0, dt, t1, time, buffer)
 
-    def _stage_time(self, i, t0, dt, t1, time):
-        """What the dynamics receive as the time of stage ``i``, and its perturbation."""
-        if self.c[i] == 1:
-            return time(t1), self.end_perturb
-        return time(t0 + self.c[i] * dt), Perturb.NONE
-
     def _step_autograd(self, t0, y0, f0, dt, t1, time, keep_stages):
         """Under autograd: stages stay separate tensors, combined by scaled adds (cheap backward),
         and are stacked once at the end for the controller and the dense output."""
+        dynamics, end = self.dynamics, self.end_perturb
         stages = [f0]
         yi = y0
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = self._combine_list(i, y0, stages, dt)
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, time)
-            stages.append(self.dynamics(stage_time, yi, perturb))
-        if not self.tableau.fsal:
+            stages.append(dynamics(time(t1), yi, end) if at_end else dynamics(time(t0 + node * dt), yi))
+        if not self._fsal:
             yi = self._combine_list(None, y0, stages, dt)
         return yi, torch.stack(stages) if keep_stages else None, stages[-1]
 
     def _step_triton_buffer(self, t0, y0, f0, dt, t1, time, buffer):
         """Outside autograd on the Triton backend: one fused kernel launch per stage input."""
+        dynamics, end = self.dynamics, self.end_perturb
         stages, rows = self.buffers[buffer], self._rows[buffer]
         rows[0].copy_(f0)
         yi = y0
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = self.triton.stage(i, y0, stages, dt)
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, time)
-            rows[i].copy_(self.dynamics(stage_time, yi, perturb))
-        if not self.tableau.fsal:
+            rows[i].copy_(dynamics(time(t1), yi, end) if at_end else dynamics(time(t0 + node * dt), yi))
+        if not self._fsal:
             yi = self.triton.solution(y0, stages, dt)
         return yi, stages, rows[-1]
 
     def _step_native_buffer(self, t0, y0, f0, dt, t1, time, buffer):
         """The C++ combiner on the (S, N) buffer, working in the user's state shape."""
+        call, end = self._call, self.end_perturb
         stages = self.buffers[buffer]
         rows = self._shaped_rows[buffer]
         self._rows[buffer][0].copy_(f0)
-        bound = self.buffer_combiner.bind(y0, stages)
+        bound = self._bound_buffers[buffer].start(y0)
         yi = None
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = bound.stage_input(i, dt)
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, time)
-            rows[i].copy_(self._call(stage_time, yi, perturb))
-        y1 = yi.view(-1) if self.tableau.fsal else bound.solution(dt)
-        return y1, stages, self._rows[buffer][-1]
+            rows[i].copy_(call(time(t1), yi, end) if at_end else call(time(t0 + node * dt), yi))
+        if not self._fsal:
+            return bound.solution(dt), stages, self._rows[buffer][-1]
+        return (yi.view(-1) if self._shaped else yi), stages, self._rows[buffer][-1]
 
     def _step_separate(self, t0, y0, f0, dt, t1, time):
         """No stage buffer (the caller needs no K): the stages stay the tensors the dynamics returned
         and the C++ combiner reads them in place, so nothing is copied."""
+        call, end = self._call, self.end_perturb
         separate = self.separate_combiner.separate(y0)
         separate.append(f0)
         yi = None
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = separate.stage_input(i, dt)
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, time)
-            separate.append(self._call(stage_time, yi, perturb))
-        y1 = yi.reshape(-1) if self.tableau.fsal else separate.solution(dt)
+            separate.append(call(time(t1), yi, end) if at_end else call(time(t0 + node * dt), yi))
+        y1 = yi.reshape(-1) if self._fsal else separate.solution(dt)
         return y1, None, separate.tensors[-1].reshape(-1)
 
     def _step_inplace(self, t0, y0, f0, dt, t1, time, buffer):
         """Torch in-place adds on the (S, N) buffer (large states, or the torch backend)."""
+        dynamics, end = self.dynamics, self.end_perturb
         stages, rows = self.buffers[buffer], self._rows[buffer]
         rows[0].copy_(f0)
         yi = y0
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = self._add_inplace(self._sparse_rows[i], y0, stages, dt)
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, time)
-            rows[i].copy_(self.dynamics(stage_time, yi, perturb))
-        if not self.tableau.fsal:
+            rows[i].copy_(dynamics(time(t1), yi, end) if at_end else dynamics(time(t0 + node * dt), yi))
+        if not self._fsal:
             yi = self._add_inplace(self._sparse_b, y0, stages, dt)
         return yi, stages, rows[-1]
 
@@ -191,12 +192,12 @@ class ExplicitRKStepper:
     def _step_tensor_dt(self, t0, y0, f0, dt, t1):
         """Stages when dt is a tensor (fixed grids built from a differentiable t; the device loop on
         the torch backend)."""
+        dynamics, end = self.dynamics, self.end_perturb
         stages = [f0]
         dt_state = dt.to(y0.dtype)
-        for i in range(1, len(self.c)):
+        for i, node, at_end in self._stages:
             yi = y0 + dt_state * torch.mv(torch.stack(stages, 1), self.a_rows[i])
-            stage_time, perturb = self._stage_time(i, t0, dt, t1, _identity)
-            stages.append(self.dynamics(stage_time, yi, perturb))
+            stages.append(dynamics(t1, yi, end) if at_end else dynamics(t0 + node * dt, yi))
         last = stages[-1]
         stages = torch.stack(stages)
         return y0 + dt_state * torch.mv(stages.t(), self.b), stages, last

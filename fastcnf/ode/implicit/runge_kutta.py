@@ -142,7 +142,7 @@ class ImplicitRungeKutta(FixedGridSolver):
 
     def _step(self, t0, dt, t1, y0):
         f0 = self.dynamics(t0, y0, self.start_perturb)
-        step = _Step(self, t0, dt, t1, y0, f0)
+        step = ImplicitStageSolve(self, t0, dt, t1, y0, f0)
         stages = []
         for group in self.groups:
             stages.append(step.solve_group(group, torch.cat(stages) if stages else None))
@@ -152,7 +152,7 @@ class ImplicitRungeKutta(FixedGridSolver):
         return torch.addmv(y0, stages.t(), self.b, alpha=dt), f0
 
 
-class _Step:
+class ImplicitStageSolve:
     """The work of one step: the Jacobian, the factored iteration matrices, the stage solves."""
 
     def __init__(self, solver, t0, dt, t1, y0, f0):

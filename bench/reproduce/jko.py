@@ -1,30 +1,31 @@
 """JKO-iFlow (Xu, Cheng & Xie, NeurIPS 2023): block-wise training against FFJORD with the adjoint.
 
-    python -m bench.reproduce.jko [--seconds 240] [--seeds 0 1 2]
-                                  [--datasets 8gaussians checkerboard digits] [--jobs 2]
-                                  [--jko-iterations 8gaussians=1200 ...]
+    python -m bench.reproduce.jko [--seeds 0 1 2] [--datasets 8gaussians checkerboard digits] [--jobs 1]
+                                  [--jko-iterations 8gaussians=1200 ...] [--validations 10] [--mmd-points 2000]
 
 The paper claims sample quality similar to or better than other flows at a much lower compute and
 memory cost. Every run of a dataset shares its data, batch, seed and evaluation; the arms:
 
-    F   FFJORD, one CNF block, dopri5 at rtol = atol = 1e-4, the adjoint, exact divergence in 2-D
-        (Hutchinson on digits); trained for the whole budget (``--seconds`` of training-thread CPU)
     G   JKO-iFlow, grow only: K blocks, each trained alone through the adjoint on its JKO step
     R   JKO-iFlow, grow + one round of damped time reparameterization (eta 0.5) and fine-tuning
     RR  JKO-iFlow, grow + reparameterization + refinement of the selected blocks (those moving at
         least the mean movement, each split in two) and fine-tuning from the first split block
+    F   FFJORD, one CNF block, dopri5 at rtol = atol = 1e-4, the adjoint, exact divergence in 2-D
+        (Hutchinson on digits), given JKO's wall time: it runs after the JKO arms of its (dataset,
+        seed), for the longest training wall time they took
 
-The JKO arms end when their schedule ends; their schedules are sized to about half the budget on
-the 2-core reference machine and spend the same total number of iterations (``--jko-iterations``
-per dataset): G on growing, R half on growing and half on the re-spaced fine-tuning pass, RR a
-third on each pass (its refinement pass fine-tunes more blocks, so it can use a little more). So
-the arms compare the passes at equal training cost, not by adding training.
+The JKO arms end when their schedule ends and spend the same total number of iterations
+(``--jko-iterations`` per dataset): G on growing, R half on growing and half on the re-spaced
+fine-tuning pass, RR a third on each pass (its refinement pass fine-tunes more blocks, so it can
+use a little more). So the arms compare the passes at equal training cost, not by adding training.
+The budget clock is wall time (``--seconds``/``--iterations`` are refused: the schedules and the
+measured JKO time set every budget); use ``--jobs 1`` so that wall time is not shared.
 
 Every model is evaluated the same way: test NLL with dopri5 at rtol = atol = 1e-6 (JKO-iFlow's
 blocks are trained with 4 rk4 steps but evaluated with dopri5), MMD^2 between 2000 model samples
 and 2000 test points (Gaussian kernel, median bandwidth of the pooled points, unbiased estimate;
 ``fastcnf.training.mmd``), peak tensor memory of one training step (forward and backward; torch
-profiler on CPU, measured at iteration 20 and every 500 iterations, outside the training clock),
+profiler on CPU, measured at iteration 10 and every 500 iterations, outside the training clock),
 training CPU and wall time, iterations. Samples of seed 0 are drawn as pictures.
 
 Shared settings: concatsquash 64-64-64 (FFJORD tanh, T = 0.5; JKO softplus) on the 2-D sets,
@@ -33,12 +34,19 @@ Shared settings: concatsquash 64-64-64 (FFJORD tanh, T = 0.5; JKO softplus) on t
 say so in the report: learning rate 1e-3 instead of 1e-4 (the authors train 10,000-20,000
 iterations per block at batch 2000; here a block gets a few hundred), h_k = 0.5 * 1.3^k with K = 6
 blocks (tolerance 0: a fixed K keeps the arms' costs equal), gradient norm clipped at 1, the
-training pool 20,000 points (2-D) or the 1437 training digits.
+training pool 20,000 points (2-D) or the 1437 training digits. The JKO blocks use the authors'
+unit block time (each block over [0, 1], h_k weighting the penalty only): a reparameterized h_k
+then changes the penalty, not the map a block computes. (A smoke run, 60 iterations per arm, seed
+0: on digits the interval convention gave test NLL 271 (G) and 3328 (R), unit time 56.8 and 59.0;
+on 8gaussians 4.87/5.71 against 4.83/5.47.)
 """
 
 import copy
+import dataclasses
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import numpy as np
 import torch
@@ -47,29 +55,32 @@ from bench.measure import peak_memory_bytes
 
 from fastcnf.training.mmd import mmd2
 
-from .cli import budget_from, protocol_main, select
-from .harness import Arm, ArmHooks, Protocol
-from .report import Column, MethodReport, arms_of, spread
+from .cli import protocol_parser, select
+from .harness import Arm, ArmHooks, Budget, Protocol, run_arm
+from .report import Column, MethodReport, arms_of, spread, write_report
 
-__all__ = ["DATASETS", "SEEDS", "SECONDS", "JKO_ITERATIONS", "arms", "build_protocol", "JKOHooks", "JKOReport",
+__all__ = ["DATASETS", "SEEDS", "JKO_ITERATIONS", "arms", "build_protocol", "run", "jko_budget", "ffjord_budget",
+           "time_to_reach", "JKOHooks", "JKOReport",
            "REPORT", "main"]
 
 DATASETS = ("8gaussians", "checkerboard", "digits")
 SEEDS = (0, 1, 2)
-SECONDS = 240.0  # default budget: training-thread CPU seconds of every run
+VALIDATIONS = 10  # validation points over a run (the start excluded)
+ITERATION_BOUND = 2  # a JKO arm's iteration cap, in multiples of its scheduled total (never reached)
 JKO_ITERATIONS = {"8gaussians": 1200, "checkerboard": 1200, "digits": 600}  # total per JKO arm
 BLOCKS = 6
 EVAL_TOLERANCE = 1e-6
 MMD_POINTS = 2000
 PICTURE_POINTS = {"digits": 64}
-MEMORY_FIRST, MEMORY_EVERY = 20, 500
+MEMORY_FIRST, MEMORY_EVERY = 10, 500
 NLL_MARGIN, TIME_RATIO = 0.05, 0.5  # targets on the 2-D sets
 
 TWO_D = dict(hidden=(64, 64, 64), layer="concatsquash", batch_size=512)
 DIGITS = dict(hidden=(256, 256), layer="concatsquash", batch_size=256)
 FFJORD = dict(method="ffjord", activation="tanh", blocks=1, end_time=0.5, solver="dopri5", rtol=1e-4, atol=1e-4,
               adjoint=True)
-JKO = dict(method="jko", activation="softplus", adjoint=True, jko_solver="rk4", jko_steps=4, jko_h0=0.5, jko_rho=1.3,
+JKO = dict(method="jko", activation="softplus", adjoint=True, jko_block_time="unit", jko_solver="rk4", jko_steps=4,
+           jko_h0=0.5, jko_rho=1.3,
            jko_max_blocks=BLOCKS, jko_tolerance=0.0, jko_clip=1.0, jko_eta=0.5, jko_refine_threshold=1.0,
            divergence="hutchinson-gaussian")
 
@@ -121,15 +132,81 @@ def add_options(parser):
     parser.add_argument("--jko-iterations", dest="jko_iterations", nargs="+", type=_iterations_option, default=[],
                         metavar="DATASET=N", help="total iterations of every JKO arm on a dataset (default "
                                                   + ", ".join(f"{k}={v}" for k, v in JKO_ITERATIONS.items()) + ")")
-    parser.set_defaults(validations=10)
+    parser.add_argument("--mmd-points", dest="mmd_points", type=int, default=MMD_POINTS,
+                        help=f"model samples and test points of the MMD (default {MMD_POINTS})")
+    parser.set_defaults(validations=VALIDATIONS)
 
 
 def build_protocol(args):
-    if args.seconds is None and args.iterations is None:
-        args.seconds = SECONDS
-    return Protocol("jko", select(arms(args.datasets, dict(args.jko_iterations)), args), seeds=tuple(args.seeds),
-                    budget=budget_from(args), base=dict(test_solver="dopri5"), eval_tolerance=EVAL_TOLERANCE,
-                    device=args.device)
+    """Every arm in report order, with the JKO arms' budget: the iterations of the longest JKO
+    schedule (each JKO arm ends with its own schedule). The FFJORD arms run afterwards with a
+    wall-clock budget of their own (``ffjord_budget``); see ``run``."""
+    if args.seconds is not None or args.iterations is not None:
+        raise SystemExit("bench.reproduce.jko sets its own budgets: the JKO arms run their schedules "
+                         "(--jko-iterations) and FFJORD gets their measured wall time; drop --seconds/--iterations.")
+    hooks = JKOHooks(getattr(args, "mmd_points", MMD_POINTS))
+    chosen = select(arms(args.datasets, dict(args.jko_iterations), hooks), args)
+    cap = max([ITERATION_BOUND * max(jko_iterations(args, arm.dataset), BLOCKS) for arm in chosen], default=1)
+    return Protocol("jko", chosen, seeds=tuple(args.seeds),
+                    budget=Budget(iterations=cap, validations=args.validations, clock="wall"),
+                    base=dict(test_solver="dopri5"), eval_tolerance=EVAL_TOLERANCE, device=args.device)
+
+
+def jko_iterations(args, dataset):
+    return {**JKO_ITERATIONS, **dict(args.jko_iterations)}[dataset]
+
+
+def jko_budget(protocol, arm, total):
+    """The budget of a JKO arm: an iteration cap its schedule of ``total`` iterations never reaches
+    (refinement adds blocks), so the schedule ends the run; validations spread over ``total``."""
+    return Budget(iterations=ITERATION_BOUND * total, validations=ITERATION_BOUND * protocol.budget.validations,
+                  clock="wall")
+
+
+def ffjord_budget(protocol, jko_summaries):
+    """FFJORD's budget on one (dataset, seed): the longest training wall time of that pair's JKO arms
+    (equal wall clock; the report reads FFJORD's NLL at half of it from its validation curve)."""
+    seconds = max(summary["train_wall_seconds"] for summary in jko_summaries)
+    return Budget(seconds=seconds, validations=protocol.budget.validations, clock="wall")
+
+
+def _run(task):
+    protocol, arm, seed, root, jobs = task
+    return run_arm(protocol, arm, seed, root, jobs)
+
+
+def _map(tasks, jobs):
+    if jobs == 1:
+        return [_run(task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_run, tasks))
+
+
+def run(protocol, root, args, jobs=1):
+    """The JKO arms (each to the end of its schedule), then every FFJORD arm with the wall time its
+    (dataset, seed)'s JKO arms took. Finished runs are skipped, as in ``harness.run_protocol``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}.")
+    tasks, ffjord = [], []
+    for seed in protocol.seeds:
+        for arm in protocol.arms:
+            if arm.name == "F":
+                ffjord.append((arm, seed))
+                continue
+            total = jko_iterations(args, arm.dataset)
+            tasks.append((dataclasses.replace(protocol, budget=jko_budget(protocol, arm, total)), arm, seed, root,
+                          jobs))
+    summaries = _map(tasks, jobs)
+    by_pair = {}
+    for summary in summaries:
+        by_pair.setdefault((summary["dataset"], summary["seed"]), []).append(summary)
+    tasks = []
+    for arm, seed in ffjord:
+        jko_runs = by_pair.get((arm.dataset, seed))
+        if not jko_runs:
+            raise SystemExit(f"FFJORD on {arm.dataset} seed {seed} needs a JKO arm to time it; add one to --arms.")
+        tasks.append((dataclasses.replace(protocol, budget=ffjord_budget(protocol, jko_runs)), arm, seed, root, jobs))
+    return summaries + _map(tasks, jobs)
 
 
 # ---------------------------------------------------------------------------------- measurements
@@ -221,9 +298,18 @@ COLUMNS = (
 )
 
 
-def ffjord_nll_at(run, cpu_seconds):
-    """FFJORD's validation NLL at ``cpu_seconds`` of training (linear between validation points)."""
-    return float(np.interp(cpu_seconds, run.validation["cpu_seconds"], run.validation["nll"]))
+def _wall(run):
+    return run.summary["train_wall_seconds"]
+
+
+def _mb(value):
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f} MB"
+
+
+def time_to_reach(run, nll):
+    """Training wall time of the first validation point of ``run`` at or below ``nll`` (None: never)."""
+    below = np.flatnonzero(run.validation["nll"] <= nll)
+    return float(run.validation["wall_seconds"][below[0]]) if len(below) else None
 
 
 def _by_arm(runs):
@@ -231,7 +317,11 @@ def _by_arm(runs):
 
 
 def _mean_std(runs, value):
-    mean, std, _, _ = spread([value(run) for run in runs])
+    """(mean, std) over the runs; (nan, nan) when a run has no value (e.g. no step memory measured)."""
+    values = [value(run) for run in runs]
+    if any(v is None for v in values):
+        return float("nan"), float("nan")
+    mean, std, _, _ = spread(values)
     return mean, std
 
 
@@ -249,34 +339,36 @@ class JKOReport(MethodReport):
         first = runs[0].summary
         seeds = sorted({run.summary["seed"] for run in runs})
         datasets = sorted({run.summary["dataset"] for run in runs})
-        budget = first["budget"]
-        seconds = budget["seconds"]
-        full = (seconds is not None and seconds >= SECONDS and len(seeds) >= len(SEEDS)
-                and set(DATASETS) <= set(datasets))
+        totals = {run.summary["dataset"]: BLOCKS * run.summary["config"]["jko_block_iterations"]
+                  for run in runs if run.summary["arm"] == "G"}
+        full = (len(seeds) >= len(SEEDS) and set(DATASETS) <= set(datasets)
+                and all(totals.get(name, 0) >= JKO_ITERATIONS[name] for name in DATASETS))
         cpu_hours = sum(run.summary["train_cpu_seconds"] for run in runs) / 3600
         wall_hours = sum(run.summary["total_wall_seconds"] for run in runs) / 3600
         scale = ("the full protocol" if full else
-                 f"**a scaled-down run, not the protocol** (which is {SECONDS:g} s per run, seeds {list(SEEDS)}, "
-                 f"datasets {list(DATASETS)}); the targets below are read on it only provisionally")
-        budget_text = (f"{seconds:g} s of {budget['clock']} time" if seconds is not None else
-                       f"{budget['iterations']} iterations")
+                 "**a scaled-down run, not the protocol** (which is "
+                 + ", ".join(f"{k}={v}" for k, v in JKO_ITERATIONS.items())
+                 + f" JKO iterations, seeds {list(SEEDS)}); the targets below are read on it only provisionally")
+        iterations = ", ".join(f"{name} {total}" for name, total in sorted(totals.items()))
         return "\n".join([
             "Claim: sample quality similar to or better than other flows at a significantly reduced computational "
             "and memory cost. Arms (code and settings: `bench/reproduce/jko.py`):",
             "",
-            "- F: FFJORD, one block, dopri5 at 1e-4 with the adjoint, trained for the whole budget. G: JKO-iFlow, "
+            "- G: JKO-iFlow, "
             f"{BLOCKS} blocks grown one at a time (each trained alone through the adjoint, 4 rk4 steps, "
-            "Hutchinson divergence), h_k = 0.5·1.3^k. R: the same total iterations, half on growing, half on "
+            "Hutchinson divergence, unit block time: h_k weights the penalty), h_k = 0.5·1.3^k. R: the same total iterations, half on growing, half on "
             "fine-tuning after one damped reparameterization step (eta 0.5). RR: a third each on growing, the "
-            "reparameterized pass and a refinement pass (blocks moving at least the mean movement split in two).",
-            "- Every model: test NLL with dopri5 at 1e-6; MMD² of 2000 samples against 2000 test points "
+            "reparameterized pass and a refinement pass (blocks moving at least the mean movement split in two). "
+            "F: FFJORD, one block, dopri5 at 1e-4 with the adjoint, run after the JKO arms for the longest "
+            "training wall time of the JKO arms of the same dataset and seed (equal wall clock).",
+            "- Every model: test NLL with dopri5 at 1e-6; MMD² of the model's samples against as many test points "
             "(Gaussian kernel, median bandwidth, unbiased); peak memory of one training step (profiler, max over "
-            "the measured iterations); time is CPU of the training thread (the budget clock) and wall.",
+            "the measured iterations); training wall time (the budget clock) and CPU time of the training thread.",
             "- Deviations from the authors' code forced by the CPU budget: lr 1e-3 (not 1e-4), a few hundred "
             "iterations per block (not 10,000-20,000 at batch 2000), a fixed number of blocks.",
-            f"- This report: {', '.join(datasets)}; seeds {seeds}; budget {budget_text} per run; {first['jobs']} "
-            f"run(s) at a time; {first['machine']}; torch {first['torch']}, {first['threads']} thread(s). That is "
-            f"{scale}.",
+            f"- This report: {', '.join(datasets)}; seeds {seeds}; JKO iterations per arm: {iterations}; "
+            f"{first['jobs']} run(s) at a time; {first['machine']}; torch {first['torch']}, {first['threads']} "
+            f"thread(s). That is {scale}.",
             f"- Time spent: {cpu_hours:.2f} h of training CPU time, {wall_hours:.2f} h of wall time including "
             "evaluation (summed over runs).",
         ])
@@ -289,33 +381,39 @@ class JKOReport(MethodReport):
                 lines.append(f"- {dataset}: arm F and a JKO arm are needed; not all ran.")
                 continue
             lines += self._speed_targets(dataset, groups) + self._pass_targets(dataset, groups)
-        lines += ["", f"Definitions. Target 1 (2-D sets): a JKO arm's test NLL at most {NLL_MARGIN} nats above F's, "
-                  f"its training CPU time at most {TIME_RATIO}x F's, and its peak step memory at most F's (means "
-                  "over seeds). 'F at JKO's time' is F's validation NLL (dopri5 1e-6, 2000 held-out points) at the "
-                  "JKO arm's mean training time, interpolated between validation points. Target 2: R improves on "
+        lines += ["", f"Definitions. Target 1 (2-D sets): F trains for the JKO arms' wall time T. A JKO arm meets it "
+                  f"when, on every seed, its validation NLL reaches F's final validation NLL + {NLL_MARGIN} nats by "
+                  f"{TIME_RATIO}·T (the first validation point at or below it; validation: dopri5 1e-6 on 2000 "
+                  "held-out points), and its mean peak step memory is at most F's. Target 2: R improves on "
                   "G, and RR on R, in test NLL or in MMD² by more than the larger standard deviation over seeds of "
                   "the two arms."]
         return "\n".join(lines)
 
     def _speed_targets(self, dataset, groups):
-        ffjord = groups["F"]
-        nll_f, _ = _mean_std(ffjord, _nll)
-        cpu_f, _ = _mean_std(ffjord, _cpu)
-        mem_f, _ = _mean_std(ffjord, _peak_mb)
+        ffjord = {run.summary["seed"]: run for run in groups["F"]}
+        nll_f, _ = _mean_std(groups["F"], _nll)
+        wall_f, _ = _mean_std(groups["F"], _wall)
+        mem_f, _ = _mean_std(groups["F"], _peak_mb)
         lines = []
         for name in ("G", "R", "RR"):
             if name not in groups:
                 continue
+            paired = [run for run in groups[name] if run.summary["seed"] in ffjord]
             nll, _ = _mean_std(groups[name], _nll)
-            cpu, _ = _mean_std(groups[name], _cpu)
+            wall, _ = _mean_std(groups[name], _wall)
             mem, _ = _mean_std(groups[name], _peak_mb)
-            at_time = float(np.mean([ffjord_nll_at(run, cpu) for run in ffjord]))
-            met = nll <= nll_f + NLL_MARGIN and cpu <= TIME_RATIO * cpu_f and mem <= mem_f
+            reach = [time_to_reach(run, ffjord[run.summary["seed"]].summary["validation"]["nll"] + NLL_MARGIN)
+                     for run in paired]
+            ratios = [None if t is None else t / _wall(ffjord[run.summary["seed"]]) for t, run in zip(reach, paired)]
+            reached = bool(ratios) and all(r is not None for r in ratios)
+            met = reached and max(ratios) <= TIME_RATIO and mem <= mem_f
             verdict = ("target 1 **met**" if met else "target 1 **missed**") if dataset != "digits" else "gap"
+            reach_text = ("reaches F's final validation NLL + 0.05 at " + ", ".join(
+                "not reached" if r is None else f"{r:.2f}" for r in ratios) + " x F's wall time (per seed)")
             lines.append(
-                f"- {dataset}, {name}: test NLL {nll:.3f} vs F {nll_f:.3f} ({nll - nll_f:+.3f} nats); training CPU "
-                f"{cpu:.0f} s = {cpu / cpu_f:.2f}x F's {cpu_f:.0f} s; peak step memory {mem:.2f} MB vs F "
-                f"{mem_f:.2f} MB ({mem / mem_f:.2f}x); F at JKO's time: validation NLL {at_time:.3f}. {verdict}.")
+                f"- {dataset}, {name}: test NLL {nll:.3f} vs F {nll_f:.3f} ({nll - nll_f:+.3f} nats); training wall "
+                f"time {wall:.0f} s (F: {wall_f:.0f} s, the longest JKO arm's); {reach_text}; peak step memory "
+                f"{_mb(mem)} vs F {_mb(mem_f)} ({mem / mem_f:.2f}x). {verdict}.")
         return lines
 
     def _pass_targets(self, dataset, groups):
@@ -381,8 +479,15 @@ REPORT = JKOReport()
 
 
 def main(argv=None):
-    return protocol_main("jko", __doc__, build_protocol, REPORT, argv, datasets=DATASETS, seeds=SEEDS,
-                         add_options=add_options)
+    parser = protocol_parser("jko", __doc__, DATASETS, SEEDS, None)
+    add_options(parser)
+    args = parser.parse_args(argv)
+    root = args.root or os.path.join("runs", "reproduce", "jko")
+    if not args.report_only:
+        run(build_protocol(args), root, args, jobs=args.jobs)
+    if not args.no_report:
+        print(f"wrote {write_report(REPORT, root, args.document)}")
+    return 0
 
 
 if __name__ == "__main__":

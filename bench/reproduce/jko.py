@@ -356,9 +356,10 @@ class JKOReport(MethodReport):
             "",
             "- G: JKO-iFlow, "
             f"{BLOCKS} blocks grown one at a time (each trained alone through the adjoint, 4 rk4 steps, "
-            "Hutchinson divergence, unit block time: h_k weights the penalty), h_k = 0.5·1.3^k. R: the same total iterations, half on growing, half on "
-            "fine-tuning after one damped reparameterization step (eta 0.5). RR: a third each on growing, the "
-            "reparameterized pass and a refinement pass (blocks moving at least the mean movement split in two). "
+            "Hutchinson divergence, unit block time: h_k weights the penalty), h_k = 0.5·1.3^k. R: the same "
+            "total iterations, half on growing, half on fine-tuning after one damped reparameterization step "
+            "(eta 0.5). RR: a third each on growing, the reparameterized pass and a refinement pass (blocks "
+            "moving at least the mean movement split in two). "
             "F: FFJORD, one block, dopri5 at 1e-4 with the adjoint, run after the JKO arms for the longest "
             "training wall time of the JKO arms of the same dataset and seed (equal wall clock).",
             "- Every model: test NLL with dopri5 at 1e-6; MMD² of the model's samples against as many test points "

@@ -117,3 +117,30 @@ def test_jko_argparse_errors_exit_2(argv, capsys):
         main(["train", "--method", "jko", *argv])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_every_jko_setting_is_on_the_command_line():
+    import dataclasses
+
+    from fastcnf.training.cli import build_parser
+
+    argv = ["train", "--method", "jko", "--jko-h0", "0.3", "--jko-rho", "1.5", "--jko-h-min", "0.02",
+            "--jko-h-max", "4", "--jko-block-time", "unit", "--jko-block-iterations", "7", "--jko-max-blocks", "5",
+            "--jko-tolerance", "0.02", "--jko-reparameterize", "--jko-rounds", "3", "--jko-eta", "0.25",
+            "--jko-refine", "--jko-refine-threshold", "1.5", "--jko-finetune-iterations", "6", "--jko-clip", "2",
+            "--jko-finetune-lr", "3e-4", "--jko-lr-decay", "0.9", "--jko-solver", "midpoint", "--jko-steps", "5",
+            "--jko-pool", "3000", "--no-adjoint", "--test-solver", "dopri5", "--test-rtol", "1e-6",
+            "--test-atol", "1e-7"]
+    settings = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "command"}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    jko_fields = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("jko_")}
+    assert jko_fields <= set(settings), sorted(jko_fields - set(settings))
+    assert (config.jko_h0, config.jko_rho, config.jko_h_min, config.jko_h_max, config.jko_block_time) == (
+        0.3, 1.5, 0.02, 4.0, "unit")
+    assert (config.jko_block_iterations, config.jko_max_blocks, config.jko_tolerance, config.jko_reparameterize,
+            config.jko_rounds, config.jko_eta) == (7, 5, 0.02, True, 3, 0.25)
+    assert (config.jko_refine, config.jko_refine_threshold, config.jko_finetune_iterations, config.jko_clip,
+            config.jko_finetune_lr, config.jko_lr_decay) == (True, 1.5, 6, 2.0, 3e-4, 0.9)
+    assert (config.jko_solver, config.jko_steps, config.jko_pool, config.adjoint) == ("midpoint", 5, 3000, False)
+    assert (config.test_solver, config.test_rtol, config.test_atol, config.lr) == ("dopri5", 1e-6, 1e-7, 1e-4)

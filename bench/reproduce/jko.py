@@ -21,12 +21,20 @@ use a little more). So the arms compare the passes at equal training cost, not b
 The budget clock is wall time (``--seconds``/``--iterations`` are refused: the schedules and the
 measured JKO time set every budget); use ``--jobs 1`` so that wall time is not shared.
 
+Runtime (``--jobs 1``, 2-core AMD EPYC): the JKO arms of seed 0 at 8gaussians=280 and digits=140
+took 40 + 49 + 61 s and 32 + 31 + 39 s of training CPU, plus about 5-15 s of evaluation each; F
+adds the longest of them. The full protocol scaled to about 33 minutes on an otherwise idle
+machine; at a load of 8 on the 2 cores, wall times stretched 2-4x:
+
+    python -m bench.reproduce.jko --jko-iterations 8gaussians=280 checkerboard=280 digits=140 \
+        --validations 4 --mmd-points 1000 --jobs 1
+
 Every model is evaluated the same way: test NLL with dopri5 at rtol = atol = 1e-6 (JKO-iFlow's
-blocks are trained with 4 rk4 steps but evaluated with dopri5), MMD^2 between 2000 model samples
-and 2000 test points (Gaussian kernel, median bandwidth of the pooled points, unbiased estimate;
-``fastcnf.training.mmd``), peak tensor memory of one training step (forward and backward; torch
-profiler on CPU, measured at iteration 10 and every 500 iterations, outside the training clock),
-training CPU and wall time, iterations. Samples of seed 0 are drawn as pictures.
+blocks are trained with 4 rk4 steps but evaluated with dopri5), MMD^2 between ``--mmd-points``
+(2000) model samples and as many test points (Gaussian kernel, median bandwidth of the pooled
+points, unbiased estimate; ``fastcnf.training.mmd``), peak tensor memory of one training step
+(forward and backward; torch profiler on CPU, measured at iteration 10 and every 500 iterations,
+outside the training clock), training CPU and wall time, iterations. Samples of seed 0 are drawn as pictures.
 
 Shared settings: concatsquash 64-64-64 (FFJORD tanh, T = 0.5; JKO softplus) on the 2-D sets,
 256-256 on digits (8x8, dequantized); batch 512 (digits 256); Adam. FFJORD's learning rate is

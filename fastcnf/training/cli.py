@@ -36,6 +36,7 @@ def _hidden_widths(text):
 
 
 def _add_train_parser(commands):
+    from ..cnf.jko import BLOCK_TIMES
     from ..cnf.nets import ACTIVATIONS, LAYERS
     from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
     from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
@@ -96,20 +97,36 @@ def _add_train_parser(commands):
                        help="joint: T stepped from the weights' pass (default); alternate: T iterations of its own")
     group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight steps per cycle (default 1)")
     group.add_argument("--time-steps", dest="time_steps", type=int, help="T steps per cycle (default 1)")
-    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule)")
-    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 1)")
-    group.add_argument("--jko-rho", dest="jko_rho", type=float, help="interval growth h_k = h_0 rho^(k-1) (1.2)")
+    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule; "
+                                      "--no-adjoint backpropagates through each block's solver)")
+    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's step h_0 (default 0.25)")
+    group.add_argument("--jko-rho", dest="jko_rho", type=float,
+                       help="step growth h_k = min(h_0 rho^(k-1), h_max) (default 1.4)")
+    group.add_argument("--jko-h-min", dest="jko_h_min", type=float, help="smallest step h_k (default 0.01)")
+    group.add_argument("--jko-h-max", dest="jko_h_max", type=float, help="largest step h_k (default 5)")
+    group.add_argument("--jko-block-time", dest="jko_block_time", choices=BLOCK_TIMES,
+                       help="interval: block k integrates over [t_(k-1), t_k] (default); unit: over [0, 1] with h_k "
+                            "only weighting the penalty, as the authors' code")
     group.add_argument("--jko-block-iterations", dest="jko_block_iterations", type=int,
-                       help="iterations per block while growing the stack (250)")
-    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (4)")
+                       help="iterations per block while growing the stack (2000)")
+    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (8)")
     group.add_argument("--jko-tolerance", dest="jko_tolerance", type=float,
-                       help="stop growing when a block moves less (W2 proxy; 0.05, 0: never)")
+                       help="stop growing when a block's E|x_k-x_(k-1)|^2/E|x_k|^2 is below it (0.01; 0: never)")
     group.add_argument("--jko-reparameterize", dest="jko_reparameterize", action="store_true",
-                       help="re-space the intervals to equal movement, then fine-tune every block")
+                       help="damped re-spacing of the steps towards equal movement, then fine-tune every block")
+    group.add_argument("--jko-rounds", dest="jko_rounds", type=int, help="reparameterization rounds (1)")
+    group.add_argument("--jko-eta", dest="jko_eta", type=float, help="damping of a re-spacing step, in (0, 1] (0.5)")
     group.add_argument("--jko-refine", dest="jko_refine", action="store_true",
-                       help="split every block in two halves, then fine-tune every block")
+                       help="split the selected blocks in two halves, then fine-tune from the first split block")
+    group.add_argument("--jko-refine-threshold", dest="jko_refine_threshold", type=float,
+                       help="split blocks moving at least this times the mean movement (1; 0: every block)")
     group.add_argument("--jko-finetune-iterations", dest="jko_finetune_iterations", type=int,
-                       help="iterations per block in the reparameterize/refine passes (100)")
+                       help="iterations per block in the reparameterize/refine passes (1000)")
+    group.add_argument("--jko-clip", dest="jko_clip", type=float, help="gradient norm clip per step (1; 0: off)")
+    group.add_argument("--jko-finetune-lr", dest="jko_finetune_lr", type=float,
+                       help="learning rate of the reparameterize/refine passes (default: --lr)")
+    group.add_argument("--jko-lr-decay", dest="jko_lr_decay", type=float,
+                       help="block k (0-based) trains at lr * decay^k (default 1)")
     group.add_argument("--jko-solver", dest="jko_solver", choices=tuple(SOLVERS),
                        help="ODE method of a block (default rk4; adaptive ones use --rtol/--atol)")
     group.add_argument("--jko-steps", dest="jko_steps", type=int, help="steps per block of fixed-grid solvers (4)")
@@ -119,7 +136,7 @@ def _add_train_parser(commands):
     group.add_argument("--iterations", type=int, help="training iterations (default 1000)")
     group.add_argument("--batch-size", dest="batch_size", type=int,
                        help="batch size (default 512); under torchrun the global batch, split over the processes")
-    group.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    group.add_argument("--lr", type=float, help="learning rate (default 1e-3; jko 1e-4)")
     group.add_argument("--weight-decay", dest="weight_decay", type=float, help="Adam weight decay (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="cpu or cuda (default cpu)")

@@ -22,7 +22,15 @@ inline void scaled_add(T* __restrict__ out, const T* __restrict__ row, T w, int6
   for (int64_t i = 0; i < count; ++i) out[i] += w * row[i];
 }
 
-// out = y0 + dt * sum_j weights[j] * rows[j] over the non-zero weights, block by block.
+// out[start:end] = y0[start:end] + out[start:end].
+template <typename T>
+inline void add_state(T* __restrict__ out, const T* __restrict__ y0, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = y0[i] + out[i];
+}
+
+// out = y0 + dt * sum_j weights[j] * rows[j] over the non-zero weights, block by block. The increment
+// is summed first (in `out`) and added to y0 once, as torchdiffeq does: adding each stage to y0 in
+// turn would round at the scale of y once per stage, which drifts a float32 state over many steps.
 template <typename T>
 void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const std::vector<const T*>& rows,
                   int64_t n, double dt) {
@@ -36,8 +44,9 @@ void combine_impl(const std::vector<double>& weights, T* out, const T* y0, const
   }
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t count = std::min(n, start + kBlock) - start;
-    std::copy(y0 + start, y0 + start + count, out + start);
+    std::fill(out + start, out + start + count, T(0));
     for (size_t u = 0; u < used.size(); ++u) scaled_add(out + start, used[u] + start, scaled[u], count);
+    add_state(out + start, y0 + start, count);
   }
 }
 

@@ -6,6 +6,7 @@ signatures and results, plus CNF training tools (TO-FLOW, JKO-iFlow, TPR).
 
 from .errors import (
                      FastCNFError,
+                     IgnoredOptionWarning,
                      InvalidOptionError,
                      InvalidStateError,
                      InvalidTimeGridError,
@@ -14,6 +15,8 @@ from .errors import (
                      NonFiniteStateError,
                      NonlinearSolveError,
                      StepSizeUnderflowError,
+                     StiffnessWarning,
+                     StiffProblemError,
                      UnknownMethodError,
 )
 from .ode.adjoint import odeint_adjoint
@@ -40,5 +43,8 @@ __all__ = [
     "NonFiniteStateError",
     "NonlinearSolveError",
     "StepSizeUnderflowError",
+    "StiffProblemError",
     "UnknownMethodError",
+    "IgnoredOptionWarning",
+    "StiffnessWarning",
 ]

@@ -18,6 +18,10 @@ __all__ = [
     "StepSizeUnderflowError",
     "MaxNumStepsError",
     "NonlinearSolveError",
+    "EvaluationBudgetError",
+    "IgnoredOptionWarning",
+    "StiffnessWarning",
+    "StiffProblemError",
 ]
 
 
@@ -59,3 +63,21 @@ class MaxNumStepsError(FastCNFError, RuntimeError, AssertionError):
 
 class NonlinearSolveError(FastCNFError, RuntimeError):
     """The nonlinear solve of an implicit method did not converge."""
+
+
+class EvaluationBudgetError(FastCNFError, RuntimeError):
+    """The solves inside ``fastcnf.stats.evaluation_budget(limit)`` evaluated the dynamics more than ``limit``
+    times."""
+
+
+class IgnoredOptionWarning(UserWarning):
+    """An option the chosen method does not use was ignored (torchdiffeq warns about it too);
+    ``FASTCNF_STRICT_OPTIONS=1`` makes it an ``InvalidOptionError``."""
+
+
+class StiffnessWarning(UserWarning):
+    """An adaptive explicit solve kept taking steps limited by stability rather than accuracy."""
+
+
+class StiffProblemError(FastCNFError, RuntimeError):
+    """The stiffness check found a stiff problem and ``options=dict(stiffness="error")`` was given."""

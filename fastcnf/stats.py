@@ -7,15 +7,22 @@
 
 Each evaluation of the dynamics adds one to a counter on its solve; the active trackers are updated
 once per finished solve (``record_solve``), so counting costs nothing measurable.
+
+``evaluation_budget(limit)`` bounds the evaluations of every solve inside it (forward and adjoint
+together): the evaluation that exceeds ``limit`` raises ``EvaluationBudgetError`` in the middle of the
+solve, so a solve that would take millions of tiny steps stops instead of stalling.
 """
 
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["SolverStats", "track", "untracked", "backward_phase"]
+from .errors import EvaluationBudgetError
+
+__all__ = ["SolverStats", "track", "untracked", "backward_phase", "evaluation_budget", "BUDGETS", "charge_evaluation"]
 
 _ACTIVE = []
 _PHASE = ["forward"]
+BUDGETS = []  # [limit, used] of every active evaluation_budget(); the dynamics charge them per evaluation
 
 
 @dataclass
@@ -88,3 +95,24 @@ def record_solve(dynamics, accepted=0, rejected=0):
         stats.steps_accepted += accepted
         stats.steps_rejected += rejected
         stats.solves += 1
+
+
+@contextmanager
+def evaluation_budget(limit):
+    """Raise ``EvaluationBudgetError`` once the solves inside this block evaluate the dynamics more than
+    ``limit`` times; yields the ``[limit, used]`` counter."""
+    budget = [int(limit), 0]
+    BUDGETS.append(budget)
+    try:
+        yield budget
+    finally:
+        BUDGETS.remove(budget)
+
+
+def charge_evaluation():
+    """Count one evaluation against every active budget (called by the dynamics when ``BUDGETS``)."""
+    for budget in BUDGETS:
+        budget[1] += 1
+        if budget[1] > budget[0]:
+            raise EvaluationBudgetError(f"the solves evaluated the dynamics more than {budget[0]} times (the "
+                                        f"evaluation budget), {_PHASE[-1]} pass.")

@@ -66,19 +66,21 @@ def _stage_combine_kernel(out, y0, stages, indices, weights, num_weights, dt_val
                           y0_stride, stage_stride0, stage_stride1, DT_POINTER: tl.constexpr, BLOCK: tl.constexpr):
     """out[n] = y0[n] + sum_j (weights[j] * dt) * stages[indices[j], n] for one block of n.
 
-    The float64 products ``weights[j] * dt`` are rounded to the state dtype and added in stage
-    order, the arithmetic of the CPU paths (C++ combiner, in-place torch adds). ``dt`` is read
-    from ``dt_pointer`` when ``DT_POINTER`` is set, else it is ``dt_value``.
+    The float64 products ``weights[j] * dt`` are rounded to the state dtype and the increment is
+    summed in stage order before it is added to y0 once, the arithmetic of the CPU paths (C++
+    combiner, torch adds). ``dt`` is read from ``dt_pointer`` when ``DT_POINTER`` is set, else it is
+    ``dt_value``.
     """
     dtype = out.dtype.element_ty
     step = _step_size(dt_value, dt_pointer, DT_POINTER)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
-    total = tl.load(y0 + offsets * y0_stride, mask=mask, other=0.0)
+    increment = tl.zeros([BLOCK], dtype=dtype)
     for j in range(num_weights):
         row = tl.load(indices + j).to(tl.int64)
         stage = tl.load(stages + row * stage_stride0 + offsets * stage_stride1, mask=mask, other=0.0)
-        total += (tl.load(weights + j) * step).to(dtype) * stage
+        increment += (tl.load(weights + j) * step).to(dtype) * stage
+    total = tl.load(y0 + offsets * y0_stride, mask=mask, other=0.0) + increment
     tl.store(out + offsets, total, mask=mask)
 
 

@@ -173,3 +173,14 @@ def test_report_tables_hold_the_csv_means(finished, tmp_path):
         assert (tmp_path / "reproduction" / "tiny" / name).stat().st_size > 1000
         assert f"(reproduction/tiny/{name})" in text
     assert re.search(r"\| loose \| FFJORD 1e-2 \| 2 \|", text)
+
+
+def test_an_arm_past_the_evaluation_budget_ends_stalled(tmp_path):
+    """TrainConfig.max_nfe stops an iteration whose solves run away; the arm ends "stalled", the
+    protocol goes on."""
+    arm = Arm("capped", "8gaussians", dict(rtol=1e-3, atol=1e-3, max_nfe=20), "FFJORD, 20 evaluations")
+    protocol = Protocol("tiny", (arm,), seeds=(0,), budget=Budget(iterations=4, validations=2), base=TINY,
+                        eval_tolerance=1e-3, val_size=200)
+    [summary] = run_protocol(protocol, str(tmp_path))
+    assert summary["status"] == "stalled"
+    assert summary["error"].startswith("iteration 1 stopped: its ODE solves needed more than 20 evaluations")

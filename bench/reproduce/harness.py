@@ -26,7 +26,7 @@ Files of a run, in ``root/<dataset>/<arm>/seed<k>/``:
     validation.csv   one row per validation point: iteration, fraction (of the budget), cpu_seconds,
                      wall_seconds, nfe_cumulative, nll, nfe (of one evaluation solve), eval_seconds
     summary.json     written last; its presence marks the run finished (status "finished", or
-                     "diverged" with the error): final test NLL, totals, the hooks' results
+                     "diverged" or "stalled" with the error): final test NLL, totals, the hooks' results
     trainer/         the Trainer's directory: checkpoint.pt (saved at every validation point)
 
 A finished run is never redone: ``run_protocol`` skips it (after checking its settings are the
@@ -57,7 +57,7 @@ import torch
 from fastcnf.training.checkpoint import CHECKPOINT_NAME, atomic_write_text
 from fastcnf.training.config import TrainConfig
 from fastcnf.training.metrics import MetricsLog
-from fastcnf.training.trainer import Trainer, TrainingDiverged, evaluate_nll
+from fastcnf.training.trainer import Trainer, TrainingDiverged, TrainingStalled, evaluate_nll
 
 __all__ = ["Arm", "ArmHooks", "Budget", "Protocol", "run_arm", "run_protocol", "run_directory", "arm_config",
            "machine_description", "CLOCKS", "ITERATION_CAP"]
@@ -345,6 +345,8 @@ class _Run:
             self._validate_if_due(trainer, force=True)
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
+        except TrainingStalled as exc:  # an iteration's solves ran past TrainConfig.max_nfe
+            status, error = "stalled", str(exc)
         return self._finish(trainer, status, error)
 
     def _finish(self, trainer, status, error):

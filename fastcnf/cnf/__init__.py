@@ -13,7 +13,17 @@ from .divergence import (
                          make_estimator,
 )
 from .flow import CNF, CNFDynamics, Flow, SequentialFlow, SolverSettings, standard_normal_log_prob
-from .jko import BlockObjective, BlockSolver, JKOFlow, block_objective, geometric_intervals, movement
+from .jko import (
+                  BlockObjective,
+                  BlockSolver,
+                  JKOFlow,
+                  block_objective,
+                  geometric_intervals,
+                  movement,
+                  refinement_selection,
+                  relative_movement,
+                  reparameterized_intervals,
+)
 from .mlp_spec import MLPSpec
 from .nets import ConcatLinear, ConcatSquashLinear, IgnoreLinear, ODEnet
 from .noise import noise_source
@@ -28,4 +38,5 @@ __all__ = [
     "TerminalTime", "CoordinateDescent", "terminal_times", "time_optimizer",
     "ODEnet", "ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "MLPSpec",
     "JKOFlow", "BlockSolver", "BlockObjective", "block_objective", "geometric_intervals", "movement",
+    "relative_movement", "reparameterized_intervals", "refinement_selection",
 ]

@@ -12,9 +12,12 @@ seminorm that leaves the parameters out) is a ``SegmentNorm`` evaluated by the f
 Time gradients at no extra cost (TO-FLOW): dL/dt_i = grad_y(t_i) . f(t_i, y(t_i)). torchdiffeq
 evaluates f(t_i, y_i) once more per output time; here the backward solve of the interval ending at
 t_i starts by evaluating the augmented dynamics at (t_i, s_i) anyway, and the y-part of that
-evaluation is f(t_i, y_i). fastcnf makes that evaluation first, reads dL/dt_i off it, and hands it
-to the solver as its first evaluation. Since nothing depends on a_t, the dL/dt_i enter a_t after
-the solves, so asking for time gradients changes neither the steps nor the number of evaluations.
+evaluation is f(t_i, y_i). fastcnf keeps the y-part of the solver's first evaluation and reads
+dL/dt_i off it, so the backward pass evaluates ``func`` exactly where the solver does: with a
+fixed grid's ``perturb=True`` that first evaluation is just inside the interval (f's left limit
+at t_i, the one y(t_i) was reached with), never on the grid point. Since nothing depends on a_t,
+the dL/dt_i enter a_t after the solves, so asking for time gradients changes neither the steps nor
+the number of evaluations.
 """
 
 import warnings
@@ -22,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, InvalidToleranceError
 from ..stats import backward_phase
 from .dynamics import CALLBACK_NAMES, Perturb, StateLayout, nudge
 from .norms import SegmentNorm, mixed_norm
@@ -82,7 +85,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     event_t = event_t.to(problem.t)
     if problem.reverse:
         event_t = -event_t
-    return event_t, problem.unflatten_solution(solution)
+    return event_t, problem.unflatten_solution(problem.event_solution_dtype(solution))
 
 
 def find_parameters(module):
@@ -127,6 +130,8 @@ def _scalar_tolerance(name, value):
         value = value.item()
     if isinstance(value, (tuple, list)):
         raise InvalidOptionError(f"{name} must be a scalar for the adjoint solve; pass it explicitly.")
+    if not float(value) >= 0:
+        raise InvalidToleranceError(f"{name} must be a non-negative number, got {value!r}.")
     return float(value)
 
 
@@ -184,8 +189,8 @@ class _UserAdjointNorm:
 class AugmentedDynamics:
     """The adjoint system on a flat state, in the backward solve's own increasing time tau = -t.
 
-    Quacks like ``fastcnf.ode.dynamics.Dynamics`` for the solvers. ``prime(tau, state)`` evaluates it
-    once and remembers the result for the solver's first call with the same arguments.
+    Quacks like ``fastcnf.ode.dynamics.Dynamics`` for the solvers. After ``watch_first(tau)`` the next
+    evaluation, if it is made at ``tau`` (perturbed or not), keeps its y-part f(t, y) in ``first_f``.
     """
 
     reverse = True
@@ -199,7 +204,8 @@ class AugmentedDynamics:
         self.numel = numel
         self.callbacks = callbacks
         self.real_dtype = dynamics.real_dtype
-        self._primed = None
+        self._watched = None
+        self.first_f = None
 
     @property
     def nfe(self):
@@ -209,17 +215,13 @@ class AugmentedDynamics:
     def nfe(self, value):
         self.dynamics.nfe = value
 
-    def prime(self, tau, state):
-        value = self(tau, state)
-        self._primed = (tau, state, value)
-        return value
+    def watch_first(self, tau):
+        """Keep f(t, y) of the next evaluation in ``first_f`` if that evaluation is at ``tau``."""
+        self._watched, self.first_f = float(tau), None
 
     def __call__(self, tau, state, perturb=Perturb.NONE):
-        primed = self._primed
-        if primed is not None:
-            self._primed = None
-            if primed[1] is state and primed[0] == tau and not perturb:
-                return primed[2]
+        watched, self._watched = self._watched, None
+        keep = watched is not None and float(tau) == watched
         if perturb:
             tau = nudge(float(tau), 1 if perturb == Perturb.NEXT else -1, self.real_dtype)
         t = -float(tau)
@@ -234,6 +236,8 @@ class AugmentedDynamics:
             f = self.dynamics(t_var, y_var)
             grads = torch.autograd.grad(f, (y_var,) + self.params + (t_var,), -adj_y, allow_unused=True)
         vjp_y = _zero_if_none(grads[0], y)
+        if keep:
+            self.first_f = f.detach()
         vjp_params = [_zero_if_none(g, p).reshape(-1) for g, p in zip(grads[1:1 + len(self.params)], self.params)]
         if grads[-1] is not None:
             vjp_t = grads[-1].to(state.dtype).reshape(1)
@@ -309,18 +313,20 @@ def _solve_adjoint(problem, config, params, t, solution, grad_solution, t_requir
     step_size = None  # carried from one output interval to the next (see carry_step_size)
     for i in range(len(times) - 1, 0, -1):
         tau = torch.tensor([-times[i], -times[i - 1]], dtype=torch.float64)
-        derivative = augmented.prime(-times[i], state)
-        if t_requires_grad:
-            # dL/dt_i from the evaluation the solver starts with anyway. It enters a_t additively
-            # (nothing depends on a_t), so it is applied after the solve: the backward steps are
-            # then the same whether or not t requires grad.
-            f_i = -derivative[1:1 + n]
-            time_vjps[i] = torch.dot(f_i, grad_solution[i])
         options = dict(config.options)
         if config.carry_step_size and step_size is not None:
             options["first_step"] = step_size
         solver = method.build(augmented, state, config.rtol, config.atol, options)
+        augmented.watch_first(-times[i])
         state = solver.integrate(tau)[-1].clone()
+        if t_requires_grad:
+            # dL/dt_i from the evaluation the solver started with (module docstring). It enters a_t
+            # additively (nothing depends on a_t), so it is applied after the solve: the backward
+            # steps are then the same whether or not t requires grad.
+            f_i = augmented.first_f
+            if f_i is None:  # a solver that did not start at (t_i, y_i): one evaluation more
+                f_i = problem.dynamics(times[i], solution[i])
+            time_vjps[i] = torch.dot(f_i, grad_solution[i])
         step_size = getattr(solver, "last_step_size", None)
         state[1:1 + n] = solution[i - 1]
         state[1 + n:1 + 2 * n] += grad_solution[i - 1]

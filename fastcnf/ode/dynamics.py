@@ -7,13 +7,20 @@ or previous representable value when a perturbation is requested), restores the 
 layout (a tensor of any shape or a tuple of tensors), flattens the derivative and casts it to the
 state dtype (as torchdiffeq's stage buffers do: a float64, float16 or integer result of a float32
 state becomes float32), counts evaluations and forwards the step callbacks.
+
+What ``func`` may return is what torchdiffeq accepts: for a tensor state a tensor of its shape; for
+a tuple state a tuple of tensors with as many elements as each entry (torchdiffeq flattens each
+entry, so an (N, 1) result for an (N,) entry is fine).
 """
 
+import functools
 import math
 from enum import IntEnum
 
 import numpy as np
 import torch
+
+from ..stats import BUDGETS, charge_evaluation
 
 __all__ = ["Perturb", "StateLayout", "Dynamics", "CALLBACK_NAMES", "nudge"]
 
@@ -102,10 +109,13 @@ class Dynamics:
         self.real_dtype = torch.empty((), dtype=dtype).abs().dtype
         self.device = device
         self.nfe = 0
+        self.result_dtype = None  # dtype of func's (flattened) result, known after the first evaluation
         self._checked = False
         self.callbacks = {name: _user_callback(func, name) for name in CALLBACK_NAMES}
 
     def __call__(self, t, y, perturb=Perturb.NONE):
+        if BUDGETS:
+            charge_evaluation()
         out = self.func(self.user_time(t, perturb), self.layout.unflatten(y))
         self.nfe += 1
         if not self._checked:
@@ -117,6 +127,8 @@ class Dynamics:
 
     def call_shaped(self, t, y, perturb=Perturb.NONE):
         """Like calling it, for a tensor state already in the user's shape; returns that shape too."""
+        if BUDGETS:
+            charge_evaluation()
         out = self.func(self.user_time(t, perturb), y)
         self.nfe += 1
         if not self._checked:
@@ -160,11 +172,14 @@ class Dynamics:
             where = f" (tuple entry {index})" if self.layout.is_tuple else ""
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"func must return a torch.Tensor{where}, got {type(part).__name__}.")
-            if part.shape != shape:
+            fits = part.numel() == shape.numel() if self.layout.is_tuple else part.shape == shape
+            if not fits:
                 raise ValueError(f"func returned a tensor of shape {tuple(part.shape)} for a state of shape "
-                                 f"{tuple(shape)}{where}.")
+                                 f"{tuple(shape)}{where}" + (f"; it must have {shape.numel()} elements."
+                                                            if self.layout.is_tuple else "."))
             if part.device != self.device:
                 raise ValueError(f"func returned a tensor on {part.device} for a state on {self.device}{where}.")
+        self.result_dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])
         self._checked = True
 
 

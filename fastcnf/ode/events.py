@@ -18,7 +18,7 @@ import torch
 
 from ..errors import MaxNumStepsError, NonFiniteStateError
 
-__all__ = ["MAX_EVENT_STEPS", "EventSearch", "EventTimeGradient", "event_tolerance"]
+__all__ = ["MAX_EVENT_STEPS", "EventSearch", "EventTimeGradient", "event_tolerance", "time_limit", "step_overflow"]
 
 # Steps an event search takes at most when ``max_num_steps`` is not given (torchdiffeq's fixed-grid bound).
 MAX_EVENT_STEPS = 20000
@@ -70,11 +70,14 @@ class EventSearch:
         return bool(torch.sign(self.value(t, y)) != self.sign0)
 
     def locate(self, lo, hi, state_at, tol):
-        """Event time (float) inside [lo, hi] by bisection to within ``tol`` on ``state_at(t) -> y``."""
-        iterations = max(0, math.ceil(math.log((hi - lo) / tol) / math.log(2.0))) if tol > 0 else 64
+        """Event time (float) inside [lo, hi] by bisection to within ``tol`` on ``state_at(t) -> y``
+        (torchdiffeq's number of halvings, fewer once the ends are adjacent floats)."""
+        iterations = max(0, math.ceil(math.log2(hi - lo) - math.log2(tol))) if tol > 0 else 64
         with torch.no_grad():
             for _ in range(iterations):
                 mid = (lo + hi) / 2.0
+                if not lo < mid < hi:
+                    break
                 value = self.event_fn(torch.tensor(mid, dtype=torch.float64), state_at(mid))
                 if torch.sign(value) == self.sign0:
                     lo = mid
@@ -108,6 +111,27 @@ class EventTimeGradient(torch.autograd.Function):
         grad_t = grad_t + torch.sum(grad_state * f_value)
         grad_state = grad_state + dg_dy * (-grad_t / (total_dg_dt + 1e-12)).reshape_as(value)
         return None, None, None, grad_state
+
+
+def time_limit(dtype):
+    """The largest time (and step size) a solve may reach with a state of real dtype ``dtype``.
+
+    What ``func`` receives must fit in ``dtype``, and so must a step size times a tableau weight
+    (at most 17, dopri8's): the limit is ``finfo(dtype).max / 64``.
+    """
+    return float(torch.finfo(dtype).max) / 64
+
+
+def step_overflow(user_t, dt, dtype):
+    """The error for a step from ``user_t`` whose end leaves the times ``dtype`` holds (``time_limit``).
+
+    It happens where nothing limits the step size: an event that never comes on dynamics whose
+    error estimate is zero (the step grows tenfold per step) or a huge fixed ``step_size``.
+    """
+    return NonFiniteStateError(
+        f"step size overflow: the step dt={dt!r} from t={user_t!r} goes beyond the times a {dtype} state can "
+        f"be solved at (|t|, dt <= {time_limit(dtype):.4g}); no event was found up to there (the step size grows "
+        "without bound where the error estimate is zero).")
 
 
 def event_tolerance(atol):

@@ -12,12 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["rms_norm", "linf_norm", "mixed_norm", "SegmentNorm"]
+__all__ = ["rms_norm", "linf_norm", "mixed_norm", "SegmentNorm", "widened"]
+
+
+def widened(tensor):
+    """``tensor`` in float32 if it is float16/bfloat16, else itself: squares of scaled errors overflow
+    float16 (its largest value is 65504), so norms and step-size estimates of half states are taken
+    in float32."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
 
 
 def rms_norm(tensor):
-    """Root-mean-square of ``tensor`` (any shape) as a 0-dim tensor."""
-    return tensor.abs().pow(2).mean().sqrt()
+    """Root-mean-square of ``tensor`` (any shape) as a 0-dim tensor (float32 for half dtypes)."""
+    return widened(tensor).abs().pow(2).mean().sqrt()
 
 
 def linf_norm(tensor):
@@ -58,7 +65,7 @@ class SegmentNorm:
 
     def __call__(self, flat):
         """Reference evaluation on a flat tensor (used off the fused path)."""
-        flat = flat.reshape(-1)
+        flat = widened(flat.reshape(-1))
         start, value = 0, flat.new_zeros((), dtype=flat.abs().dtype)
         for end, skip in zip(self.ends, self.skip):
             if not skip and end > start:

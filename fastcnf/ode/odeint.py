@@ -37,7 +37,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     event_t = event_t.to(problem.t)
     if problem.reverse:
         event_t = -event_t
-    return event_t, problem.unflatten_solution(solution)
+    return event_t, problem.unflatten_solution(problem.event_solution_dtype(solution))
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):

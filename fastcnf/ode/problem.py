@@ -40,6 +40,14 @@ class Problem:
         """(T, N) -> user layout with a leading time dimension."""
         return self.layout.unflatten(solution)
 
+    def event_solution_dtype(self, solution):
+        """The (2, N) solution of an event solve in torchdiffeq's dtype: on a fixed grid its state is
+        y0 + dt * f, so a wider floating ``func`` result (float64 for a float32 state) widens it."""
+        result = self.dynamics.result_dtype
+        if not METHODS[self.method].fixed_grid or result is None or not result.is_floating_point:
+            return solution
+        return solution.to(torch.promote_types(solution.dtype, result))
+
 
 def prepare(func, y0, t, rtol, atol, method, options, event_fn):
     """Validate and normalise the arguments of odeint (see the module docstring)."""

@@ -1,17 +1,18 @@
 """The ODE method registry: every ``method=`` name, its solver class and its fixed arguments, and the
 lookups that check a method name and the option names a method accepts."""
 
+import warnings
 from dataclasses import dataclass, field
 
-from ..errors import InvalidOptionError, UnknownMethodError
+from ..errors import IgnoredOptionWarning, InvalidOptionError, UnknownMethodError
 from .explicit.adaptive import AdaptiveRungeKutta
-from .explicit.fixed_grid import FixedGridRungeKutta
+from .explicit.fixed_grid import FixedGridRungeKutta, FixedGridSolver
 from .explicit.tableaus import ADAPTIVE_TABLEAUS, FIXED_TABLEAUS
 from .implicit.runge_kutta import ImplicitRungeKutta
 from .implicit.tableaus import IMPLICIT_TABLEAUS
 from .multistep.adams import Adams
 from .scipy_solver import ScipySolver
-from .validation import check_option_values
+from .validation import check_option_values, strict_options
 
 __all__ = ["OdeMethod", "METHODS", "register_method", "check_method", "check_options"]
 
@@ -35,6 +36,10 @@ class OdeMethod:
     @property
     def adaptive(self):
         return self.solver is AdaptiveRungeKutta
+
+    @property
+    def fixed_grid(self):
+        return issubclass(self.solver, FixedGridSolver)
 
     def build(self, dynamics, y0, rtol, atol, options):
         return self.solver(dynamics, y0, rtol, atol, **self.fixed, **options)
@@ -66,12 +71,34 @@ def check_method(method):
 
 
 def check_options(method, options):
-    """Copy of ``options`` after checking every name (accepted by ``method``?) and value."""
+    """Copy of ``options`` without the names ``method`` does not use, after checking every value.
+
+    An option the method does not use is ignored with an ``IgnoredOptionWarning`` (torchdiffeq warns
+    about it too: scripts commonly pass ``step_size`` to dopri5), or refused with an
+    ``InvalidOptionError`` under ``FASTCNF_STRICT_OPTIONS=1``.
+    """
     options = {} if options is None else dict(options)
     accepted = METHODS[method].options
-    for name in options:
-        if name not in accepted:
-            raise InvalidOptionError(
-                f"Option {name!r} is not accepted by method {method!r}; it accepts: {', '.join(sorted(accepted))}.")
+    for name in [name for name in options if name not in accepted]:
+        message = (f"Option {name!r} is not used by method {method!r}{_why_unused(method, name)}; it accepts: "
+                   f"{', '.join(sorted(accepted))}.")
+        if strict_options():
+            raise InvalidOptionError(message)
+        warnings.warn(f"{message} It is ignored (FASTCNF_STRICT_OPTIONS=1 makes this an error).",
+                      IgnoredOptionWarning, stacklevel=4)
+        del options[name]
     check_option_values(options)
     return options
+
+
+_STEP_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp"})
+_ADAPTIVE_OPTIONS = frozenset(AdaptiveRungeKutta.OPTIONS)
+
+
+def _why_unused(method, name):
+    """A reason for the common mix-ups: grid options on adaptive methods and the other way round."""
+    if METHODS[method].adaptive and name in _STEP_OPTIONS:
+        return " (an adaptive method chooses its own steps)"
+    if METHODS[method].fixed_grid and name in _ADAPTIVE_OPTIONS:
+        return " (a fixed-grid method takes the steps of its grid)"
+    return ""

@@ -11,6 +11,7 @@ and ``odeint_event`` run on their arguments; method and option names are looked 
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -25,7 +26,7 @@ from .control.interface import CONTROLLERS
 
 __all__ = ["is_real_number", "require_positive", "require_non_negative", "require_positive_int", "require_choice",
            "require_bool", "require_fraction", "check_state", "check_finite_state", "check_time", "check_option_values",
-           "check_tolerance"]
+           "strict_options", "check_tolerance", "check_tolerance_resolution"]
 
 
 # ----------------------------------------------------------------------------------- generic rules
@@ -88,7 +89,8 @@ def check_state(y0):
         parts = y0
     else:
         raise InvalidStateError(
-            f"y0 must be a torch.Tensor or a non-empty tuple of torch.Tensors, got {type(y0).__name__}.")
+            f"y0 must be either a torch.Tensor or a tuple (a non-empty one, of torch.Tensors), got "
+            f"{type(y0).__name__}.")
     for index, part in enumerate(parts):
         if not (part.is_floating_point() or part.is_complex()):
             where = f"y0[{index}]" if isinstance(y0, tuple) else "y0"
@@ -102,7 +104,7 @@ def check_state(y0):
 
 def check_finite_state(flat_y0):
     if flat_y0.numel() and not bool(torch.isfinite(flat_y0).all()):
-        raise NonFiniteStateError("y0 contains NaN or Inf values.")
+        raise NonFiniteStateError("non-finite values in state `y`: y0 contains NaN or Inf values.")
 
 
 def check_time(t, name="t"):
@@ -110,11 +112,13 @@ def check_time(t, name="t"):
     if not isinstance(t, torch.Tensor):
         raise InvalidTimeGridError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
     if not t.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating point Tensor but is a {t.type()}")
+        raise TypeError(f"`{name}` must be a floating point Tensor but is a {t.type()}; convert it, e.g. "
+                        f"{name}.double().")
     if t.ndim != 1 or t.numel() == 0:
         raise InvalidTimeGridError(f"{name} must be one dimensional and non-empty, got shape {tuple(t.shape)}.")
     if not bool(torch.isfinite(t).all()):
-        raise InvalidTimeGridError(f"{name} contains NaN or Inf: {t.tolist()}.")
+        raise InvalidTimeGridError(f"{name} must be strictly increasing or decreasing and finite; it contains NaN or "
+                                   f"Inf: {t.tolist()}.")
     if len(t) > 1:
         increasing = t[1:] > t[:-1]
         decreasing = t[1:] < t[:-1]
@@ -125,16 +129,35 @@ def check_time(t, name="t"):
                 f"{name}[{bad + 1}]={t[bad + 1].item()!r} break the order.")
 
 
+def strict_options():
+    """``FASTCNF_STRICT_OPTIONS=1``: options a method does not use are errors instead of warnings."""
+    return os.environ.get("FASTCNF_STRICT_OPTIONS", "0").strip() == "1"
+
+
+# Options whose torchdiffeq default is None: passing None explicitly means the default.
+_NONE_MEANS_DEFAULT = frozenset({"first_step", "step_t", "jump_t", "step_size", "grid_constructor"})
+
+
 def check_option_values(options):
-    """Check the value of every option whose name has a rule (names are checked by the registry)."""
+    """Check the value of every option whose name has a rule (names are checked by the registry).
+
+    torchdiffeq's defaults given explicitly (``first_step=None``, ``max_step=float("inf")``, ...)
+    are accepted.
+    """
     for name, value in options.items():
         check = _OPTION_CHECKS.get(name)
-        if check is not None:
+        if check is not None and not (value is None and name in _NONE_MEANS_DEFAULT):
             check(name, value)
 
 
 def _positive_number(name, value):
     require_positive(f"option {name!r}", value, InvalidOptionError)
+
+
+def _positive_or_infinite(name, value):
+    """A positive number, or +inf (torchdiffeq's ``max_step`` default)."""
+    if not (is_real_number(value) and float(value) == math.inf):
+        _positive_number(name, value)
 
 
 def _non_negative_number(name, value):
@@ -183,6 +206,12 @@ def _controller(name, value):
     require_choice(f"option {name!r}", value, CONTROLLERS, InvalidOptionError)
 
 
+def _stiffness(name, value):
+    from .explicit.stiffness import STIFFNESS_CHOICES
+
+    require_choice(f"option {name!r} value", value, STIFFNESS_CHOICES, InvalidOptionError)
+
+
 def _optional_bool(name, value):
     if value is not None and not isinstance(value, bool):
         raise InvalidOptionError(f"option {name!r} must be True, False or None, got {value!r}.")
@@ -191,7 +220,7 @@ def _optional_bool(name, value):
 _OPTION_CHECKS = {
     "step_size": _positive_number,
     "first_step": _positive_number,
-    "max_step": _positive_number,
+    "max_step": _positive_or_infinite,
     "min_step": _non_negative_number,
     "safety": _positive_number,
     "ifactor": _at_least_one,
@@ -209,28 +238,102 @@ _OPTION_CHECKS = {
     "controller": _controller,
     "pcoeff": _non_negative_number,
     "icoeff": _positive_number,
+    "stiffness": _stiffness,
 }
 
 
 def check_tolerance(name, tol, layout, flat_y0):
-    """A float, or an (N,) tensor for per-element (or per-tuple-entry) tolerances."""
+    """``rtol`` or ``atol`` as a float, or as an (N,) tensor of per-element tolerances.
+
+    Accepted: a non-negative number; a tensor that broadcasts to the state's shape (or has its N
+    elements); for a tuple state also a tuple (or a tensor) with one number or tensor per entry, as
+    in torchdiffeq. Entries must be non-negative and not NaN (+inf is allowed: no error control there).
+    """
     if isinstance(tol, torch.Tensor) and tol.requires_grad:
-        raise InvalidToleranceError(f"{name} cannot require gradient")
+        raise InvalidToleranceError(f"{name} cannot require gradient; pass {name}.detach().")
+    shapes = layout.shapes
+    if layout.is_tuple and isinstance(tol, torch.Tensor) and tol.dim() == 1 and tol.numel() == len(shapes) != 1 \
+            and tol.numel() != layout.numel:
+        tol = tuple(tol)  # torchdiffeq iterates a tensor tolerance of a tuple state: one entry per tensor
     if layout.is_tuple and isinstance(tol, (tuple, list)):
-        if len(tol) != len(layout.shapes):
-            raise InvalidToleranceError(f"If using tupled {name} it must have the same length as the tuple y0")
-        parts = [torch.as_tensor(part, dtype=torch.float64).expand(size) for part, size in zip(tol, layout.sizes)]
-        tol = torch.cat(parts)
+        if len(tol) != len(shapes):
+            raise InvalidToleranceError(f"If using tupled {name} it must have the same length as the tuple y0: got "
+                                        f"{len(tol)} entries for {len(shapes)} tensors.")
+        tol = torch.cat([_per_element(f"{name}[{index}]", torch.as_tensor(part, dtype=torch.float64), shape)
+                         for index, (part, shape) in enumerate(zip(tol, shapes))])
+    elif isinstance(tol, torch.Tensor) and tol.numel() != 1:
+        if layout.is_tuple and tol.numel() != layout.numel:
+            raise InvalidToleranceError(
+                f"{name} for a tuple state must be a number, a tuple with one entry per tensor, or a tensor of its "
+                f"{layout.numel} elements; got a tensor of shape {tuple(tol.shape)}.")
+        tol = _per_element(name, tol, shapes[0] if not layout.is_tuple else torch.Size([layout.numel]))
     if isinstance(tol, torch.Tensor) and tol.numel() != 1:
-        if tol.numel() != flat_y0.numel():
-            tol = tol.expand(layout.shapes[0]) if not layout.is_tuple else tol
-        tol = tol.reshape(-1).to(flat_y0.device)
-        if bool((tol < 0).any()):
-            raise InvalidToleranceError(f"{name} must be non-negative.")
-        return tol
-    value = float(tol)
-    if not value >= 0:
+        _require_valid_entries(name, tol)
+        return tol.to(flat_y0.device)
+    if isinstance(tol, torch.Tensor):
+        tol = tol.item()
+    if not is_real_number(tol) or not float(tol) >= 0:
         raise InvalidToleranceError(f"{name} must be a non-negative number, got {tol!r}.")
-    return value
+    return float(tol)
 
 
+def _per_element(name, tol, shape):
+    """``tol`` broadcast to ``shape`` (or holding its elements) as a flat tensor."""
+    if tol.numel() == shape.numel():
+        return tol.reshape(-1)
+    try:
+        return torch.broadcast_to(tol, shape).reshape(-1)
+    except RuntimeError:
+        raise InvalidToleranceError(f"{name} of shape {tuple(tol.shape)} does not broadcast to the state's shape "
+                                    f"{tuple(shape)}.") from None
+
+
+def _require_valid_entries(name, tol):
+    bad = torch.isnan(tol) | (tol < 0)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise InvalidToleranceError(f"{name} must be non-negative and not NaN, got {tol[index].item()!r} at flat "
+                                    f"index {index}.")
+
+
+def check_tolerance_resolution(rtol, atol, y0):
+    """Refuse tolerances finer than what the state's dtype resolves (adaptive step-size control).
+
+    The rule: with eps the dtype's machine epsilon and s = max(1, |y0|) per element, the tolerance
+    ``atol + rtol * s`` must be at least ``eps**2 * s``. Why eps**2: the error estimate is a
+    combination of stages that each carry a rounding error of about eps relative, so below a tolerance
+    tol it is noise and the controller shrinks the step until h * eps ~ tol; the state then changes by
+    h * |f| ~ tol / eps per step, which rounds away once it is below eps * |y| -- once tol < eps**2
+    (for |f| ~ |y|). The state stops moving and the solve returns y0 or wanders (bfloat16 at the
+    default rtol=1e-7 returned 0.984 for exp(-1)). Bounds: float32 eps**2 = 1.4e-14 (torchdiffeq's
+    default rtol=1e-7 is far above it, and float32 behaves exactly as before), bfloat16 6.1e-5,
+    float16 9.5e-7, float64 4.9e-32. s = max(1, |y0|) judges a state that starts at 0 at unit scale.
+    """
+    if not y0.is_floating_point() or y0.numel() == 0:
+        return
+    eps = torch.finfo(y0.dtype).eps
+    floor = eps * eps
+    if _smallest(rtol) >= floor:  # atol >= 0: the usual case, decided without looking at y0
+        return
+    with torch.no_grad():
+        scale = y0.detach().abs().double().clamp(min=1.0)
+        rtol_t = torch.as_tensor(rtol, dtype=torch.float64, device=y0.device)
+        atol_t = torch.as_tensor(atol, dtype=torch.float64, device=y0.device)
+        short = (atol_t + rtol_t * scale) < floor * scale
+        if not bool(short.any()):
+            return
+    raise InvalidToleranceError(
+        f"rtol={_describe_tolerance(rtol)}, atol={_describe_tolerance(atol)} ask for more than a {y0.dtype} state "
+        f"resolves: its resolution is eps={eps:.3g}, and below a tolerance of eps**2={floor:.2g} (relative to the "
+        f"state, or absolute where |y| < 1) rounding noise drives the step size until the steps no longer change "
+        f"the state. Pass rtol >= {floor:.2g} (or a larger atol), or use a wider dtype such as float32.")
+
+
+def _smallest(tol):
+    return float(tol.min()) if isinstance(tol, torch.Tensor) else float(tol)
+
+
+def _describe_tolerance(tol):
+    if isinstance(tol, torch.Tensor) and tol.numel() > 1:
+        return f"tensor(min={float(tol.min()):.3g})"
+    return f"{float(tol):.3g}"

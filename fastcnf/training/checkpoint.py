@@ -16,11 +16,13 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["atomic_save", "atomic_write_text", "load_checkpoint", "capture_rng_states", "restore_rng_states",
-           "checkpoint_path", "CheckpointError", "CHECKPOINT_NAME"]
+__all__ = ["atomic_save", "atomic_write_text", "load_checkpoint", "load_run_checkpoint", "capture_rng_states",
+           "restore_rng_states", "checkpoint_path", "CheckpointError", "CHECKPOINT_NAME", "RUN_CHECKPOINT_KEYS"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
+# What a training run's checkpoint holds (``fastcnf.training.trainer.Trainer.state_dict``).
+RUN_CHECKPOINT_KEYS = ("format", "config", "dim", "iteration", "elapsed", "model", "optimization", "sampler", "rng",
+                       "validation")
 
 
 def _fsync_directory(directory):
@@ -80,7 +82,24 @@ def load_checkpoint(location, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {error}") from None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated, or not a fastcnf checkpoint): "
+                              f"{first_line}") from None
+
+
+def load_run_checkpoint(location, map_location="cpu"):
+    """The checkpoint of a training run at ``location``, after checking it is one (a dictionary with
+    ``RUN_CHECKPOINT_KEYS`` and a ``config`` dictionary)."""
+    checkpoint = load_checkpoint(location, map_location)
+    path = checkpoint_path(location)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path!r} is not a fastcnf training checkpoint: it holds a {type(checkpoint).__name__}, "
+                              "not a dictionary.")
+    missing = [key for key in RUN_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing or not isinstance(checkpoint["config"], dict):
+        what = f"no {missing[0]!r} entry" if missing else "its 'config' entry is not a dictionary"
+        raise CheckpointError(f"{path!r} is not a fastcnf training checkpoint: {what}.")
+    return checkpoint
 
 
 def capture_rng_states(device=None):

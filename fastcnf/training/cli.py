@@ -6,18 +6,23 @@
     python -m fastcnf eval --checkpoint runs/demo --split test
     torchrun --nproc_per_node 2 -m fastcnf train ...           # one run on 2 processes (fastcnf.training.distributed)
 
-Bad input (unknown data or method, bad numbers, a missing checkpoint...) prints one line
-``fastcnf <command>: error: ...`` and exits with status 2, like argparse's own errors.
+Bad input (unknown data or method, bad numbers, a missing or foreign checkpoint, an ``--out`` that is
+in use, unwritable or holds something a new run would replace...) prints one line
+``fastcnf <command>: error: ...`` and exits with status 2, like argparse's own errors. A training that
+diverges or stalls (``--max-nfe``) exits 1 with one line; Ctrl-C saves a checkpoint at the current
+iteration and exits 130 with one line (a second Ctrl-C stops at once, keeping the last checkpoint).
 """
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 __all__ = ["main", "build_parser"]
 
-RESUMABLE = ("iterations", "out")
+RESUMABLE = ("iterations", "out", "max_nfe")
 
 
 def _hidden_widths(text):
@@ -31,6 +36,7 @@ def _hidden_widths(text):
 
 
 def _add_train_parser(commands):
+    from ..cnf.jko import BLOCK_TIMES
     from ..cnf.nets import ACTIVATIONS, LAYERS
     from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
     from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
@@ -95,20 +101,36 @@ def _add_train_parser(commands):
                        help="joint: T stepped from the weights' pass (default); alternate: T iterations of its own")
     group.add_argument("--weight-steps", dest="weight_steps", type=int, help="weight steps per cycle (default 1)")
     group.add_argument("--time-steps", dest="time_steps", type=int, help="T steps per cycle (default 1)")
-    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule)")
-    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's interval h_0 (default 1)")
-    group.add_argument("--jko-rho", dest="jko_rho", type=float, help="interval growth h_k = h_0 rho^(k-1) (1.2)")
+    group = parser.add_argument_group("JKO-iFlow (--method jko; --iterations caps the whole schedule; "
+                                      "--no-adjoint backpropagates through each block's solver)")
+    group.add_argument("--jko-h0", dest="jko_h0", type=float, help="first block's step h_0 (default 0.25)")
+    group.add_argument("--jko-rho", dest="jko_rho", type=float,
+                       help="step growth h_k = min(h_0 rho^(k-1), h_max) (default 1.4)")
+    group.add_argument("--jko-h-min", dest="jko_h_min", type=float, help="smallest step h_k (default 0.01)")
+    group.add_argument("--jko-h-max", dest="jko_h_max", type=float, help="largest step h_k (default 5)")
+    group.add_argument("--jko-block-time", dest="jko_block_time", choices=BLOCK_TIMES,
+                       help="interval: block k integrates over [t_(k-1), t_k] (default); unit: over [0, 1] with h_k "
+                            "only weighting the penalty, as the authors' code")
     group.add_argument("--jko-block-iterations", dest="jko_block_iterations", type=int,
-                       help="iterations per block while growing the stack (250)")
-    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (4)")
+                       help="iterations per block while growing the stack (2000)")
+    group.add_argument("--jko-max-blocks", dest="jko_max_blocks", type=int, help="most blocks grown (8)")
     group.add_argument("--jko-tolerance", dest="jko_tolerance", type=float,
-                       help="stop growing when a block moves less (W2 proxy; 0.05, 0: never)")
+                       help="stop growing when a block's E|x_k-x_(k-1)|^2/E|x_k|^2 is below it (0.01; 0: never)")
     group.add_argument("--jko-reparameterize", dest="jko_reparameterize", action="store_true",
-                       help="re-space the intervals to equal movement, then fine-tune every block")
+                       help="damped re-spacing of the steps towards equal movement, then fine-tune every block")
+    group.add_argument("--jko-rounds", dest="jko_rounds", type=int, help="reparameterization rounds (1)")
+    group.add_argument("--jko-eta", dest="jko_eta", type=float, help="damping of a re-spacing step, in (0, 1] (0.5)")
     group.add_argument("--jko-refine", dest="jko_refine", action="store_true",
-                       help="split every block in two halves, then fine-tune every block")
+                       help="split the selected blocks in two halves, then fine-tune from the first split block")
+    group.add_argument("--jko-refine-threshold", dest="jko_refine_threshold", type=float,
+                       help="split blocks moving at least this times the mean movement (1; 0: every block)")
     group.add_argument("--jko-finetune-iterations", dest="jko_finetune_iterations", type=int,
-                       help="iterations per block in the reparameterize/refine passes (100)")
+                       help="iterations per block in the reparameterize/refine passes (1000)")
+    group.add_argument("--jko-clip", dest="jko_clip", type=float, help="gradient norm clip per step (1; 0: off)")
+    group.add_argument("--jko-finetune-lr", dest="jko_finetune_lr", type=float,
+                       help="learning rate of the reparameterize/refine passes (default: --lr)")
+    group.add_argument("--jko-lr-decay", dest="jko_lr_decay", type=float,
+                       help="block k (0-based) trains at lr * decay^k (default 1)")
     group.add_argument("--jko-solver", dest="jko_solver", choices=tuple(SOLVERS),
                        help="ODE method of a block (default rk4; adaptive ones use --rtol/--atol)")
     group.add_argument("--jko-steps", dest="jko_steps", type=int, help="steps per block of fixed-grid solvers (4)")
@@ -116,13 +138,16 @@ def _add_train_parser(commands):
                        help="training points drawn from a toy (20000; tables and digits use their rows)")
     group = parser.add_argument_group("optimization")
     group.add_argument("--iterations", type=int, help="training iterations (default 1000)")
-    group.add_argument("--batch-size", "--batch", dest="batch_size", type=int,
+    group.add_argument("--batch-size", dest="batch_size", type=int,
                        help="batch size (default 512); under torchrun the global batch, split over the processes")
-    group.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    group.add_argument("--lr", type=float, help="learning rate (default 1e-3; jko 1e-4)")
     group.add_argument("--weight-decay", dest="weight_decay", type=float, help="Adam weight decay (default 0)")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
     group.add_argument("--device", help="cpu or cuda (default cpu)")
     group.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU)")
+    group.add_argument("--max-nfe", dest="max_nfe", type=int,
+                       help="stop when one iteration's solves evaluate the network more than this (default 20000; "
+                            "0: no limit)")
     group = parser.add_argument_group("output")
     group.add_argument("--out", help="run directory (default runs/fastcnf)")
     group.add_argument("--val-every", dest="val_every", type=int, help="validate every N iterations (100)")
@@ -131,6 +156,9 @@ def _add_train_parser(commands):
     group.add_argument("--no-plot", dest="plot", action="store_false", help="skip the final picture")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run in an --out that holds an earlier run or other files (the earlier "
+                            "run's files are removed)")
 
 
 def build_parser():
@@ -163,28 +191,59 @@ def _train(args):
     """Train, alone or as one process of a torchrun launch (then only rank 0 prints the summary)."""
     from .config import TrainConfig
     from .distributed import process_group
+    from .run_folder import claim_run_folder
     from .trainer import Trainer, load_resume_point, select_device
 
     settings = vars(args).copy()
     settings.pop("command")
     progress = settings.pop("progress", True)
     resume = settings.pop("resume", False)
+    overwrite = settings.pop("overwrite", False)
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass one of them.")
+    out = settings.get("out", TrainConfig.out)
     if resume:
         fixed = sorted(set(settings) - set(RESUMABLE))
         if fixed:
             raise UsageError(f"--{fixed[0].replace('_', '-')} cannot be changed on --resume; the run's settings "
-                             "come from its checkpoint (only --iterations may be raised).")
-        config, checkpoint = load_resume_point(settings.get("out", TrainConfig.out), settings.get("iterations"))
+                             "come from its checkpoint (only --iterations and --max-nfe may be changed).")
+        load_resume_point(out)  # a missing, truncated or foreign checkpoint fails here, before anything else
     else:
-        config, checkpoint = TrainConfig(**settings), None
-    with process_group(select_device(config.device)) as world:
+        TrainConfig(**settings)  # bad settings fail before the folder is touched
+    with process_group(select_device(settings.get("device", TrainConfig.device))) as world, \
+            claim_run_folder(out, resume, overwrite, world):
+        if resume:  # read under the folder's lock: the checkpoint another run may have been writing
+            config, checkpoint = load_resume_point(out, settings.get("iterations"))
+            if "max_nfe" in settings:
+                config = config.replace(max_nfe=settings["max_nfe"])
+        else:
+            config, checkpoint = TrainConfig(**settings), None
         trainer = Trainer(config, progress, checkpoint, world)
-        summary = trainer.run()
+        with _stop_on_first_interrupt(trainer):
+            summary = trainer.run()
     if world.is_main:
         test = summary["test"]
         print(f"test NLL {test['nll']:.4f} nats ({trainer.iteration} iterations, {summary['train_seconds']:.1f} s "
               f"training); run in {trainer.out}" + (f"; picture {summary['picture']}" if summary["picture"] else ""))
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_first_interrupt(trainer):
+    """Ctrl-C asks ``trainer`` to stop after the iteration in progress; a second one interrupts at once."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to handle (e.g. SIGINT ignored by the launcher)
+        return
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _positive_count(name, value):
@@ -204,6 +263,9 @@ def _sample(args):
     if not out.endswith((".npy", ".csv")):
         raise UsageError(f"--out must end in .npy or .csv, got {out!r}.")
     _, model, _, _ = load_run(args.checkpoint, args.device)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of --out {out!r} does not exist ({folder}); create it first.")
     torch.manual_seed(args.seed)
     with torch.no_grad():
         samples = model.sample(args.num).cpu().numpy()
@@ -240,16 +302,32 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .trainer import TrainingDiverged
+    from .errors import TrainingDiverged, TrainingInterrupted, TrainingStalled
 
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
         print(f"fastcnf {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except TrainingDiverged as error:
+    except OSError as error:  # unwritable or full --out, a vanished file: the files written so far are intact
+        print(f"fastcnf {args.command}: error: {_describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, TrainingStalled) as error:
         print(f"fastcnf {args.command}: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:
+        print(f"fastcnf {args.command}: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"fastcnf {args.command}: interrupted; files already written (the last checkpoint) are kept.",
+              file=sys.stderr)
+        return 130
+
+
+def _describe_os_error(error):
+    """One line for an OSError: what failed and on which file."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write or read a file: {error.strerror or error}{where}."
 
 
 if __name__ == "__main__":

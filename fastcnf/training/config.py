@@ -9,12 +9,19 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..cnf.divergence import ESTIMATORS
+from ..cnf.jko import BLOCK_TIMES
 from ..cnf.nets import ACTIVATIONS, LAYERS
 from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
 from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
 from ..ode.control import CONTROLLERS
 from ..ode.registry import METHODS as SOLVERS
-from ..ode.validation import require_choice, require_non_negative, require_positive, require_positive_int
+from ..ode.validation import (
+    require_choice,
+    require_fraction,
+    require_non_negative,
+    require_positive,
+    require_positive_int,
+)
 from .data import DATASET_NAMES, TOY_DATASETS
 from .errors import ConfigError
 from .jko_schedule import JKOSettings
@@ -72,18 +79,27 @@ class TrainConfig:
     time_steps: int = 1
     jko_h0: float = JKOSettings.h0
     jko_rho: float = JKOSettings.rho
+    jko_h_min: float = JKOSettings.h_min
+    jko_h_max: float = JKOSettings.h_max
     jko_block_iterations: int = JKOSettings.block_iterations
     jko_max_blocks: int = JKOSettings.max_blocks
     jko_tolerance: float = JKOSettings.tolerance
     jko_finetune_iterations: int = JKOSettings.finetune_iterations
     jko_reparameterize: bool = JKOSettings.reparameterize
+    jko_rounds: int = JKOSettings.rounds
+    jko_eta: float = JKOSettings.eta
     jko_refine: bool = JKOSettings.refine
+    jko_refine_threshold: float = JKOSettings.refine_threshold
+    jko_clip: float = JKOSettings.clip
+    jko_finetune_lr: float = JKOSettings.finetune_lr
+    jko_lr_decay: float = JKOSettings.lr_decay
+    jko_block_time: str = "interval"
     jko_solver: str = "rk4"
     jko_steps: int = 4
     jko_pool: int = 20000
     iterations: int = 1000
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = None
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
@@ -93,9 +109,12 @@ class TrainConfig:
     val_size: int = 2000
     checkpoint_every: int = 100
     plot: bool = True
+    max_nfe: int = 20000
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden)
+        if self.lr is None and self.method in TRAINING_METHODS:
+            self.lr = TRAINING_METHODS[self.method].default_lr
         if self.end_time is None and self.method in TRAINING_METHODS:
             self.end_time = TRAINING_METHODS[self.method].default_end_time
         self.validate()
@@ -135,26 +154,34 @@ class TrainConfig:
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)
         _choice("time schedule", self.time_schedule, TIME_SCHEDULES)
         _choice("jko_solver", self.jko_solver, tuple(SOLVERS))
+        _choice("jko_block_time", self.jko_block_time, BLOCK_TIMES)
         if not self.hidden:
             raise ConfigError("hidden needs at least one width, e.g. 64,64,64.")
         for width in self.hidden:
             _positive_int("hidden width", width)
         for name in ("blocks", "iterations", "batch_size", "val_every", "val_size", "checkpoint_every",
                      "weight_steps", "time_steps", "tpr_degree", "tpr_times", "jko_block_iterations",
-                     "jko_max_blocks", "jko_finetune_iterations", "jko_steps", "jko_pool"):
+                     "jko_max_blocks", "jko_finetune_iterations", "jko_rounds", "jko_steps", "jko_pool"):
             _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
+        if isinstance(self.max_nfe, bool) or not isinstance(self.max_nfe, int) or self.max_nfe < 0:
+            raise ConfigError(f"max_nfe must be a non-negative integer (0: no limit), got {self.max_nfe!r}.")
         if self.tpr_times < self.tpr_degree:
             raise ConfigError(f"tpr_times must be >= tpr_degree={self.tpr_degree}, got {self.tpr_times}.")
-        for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho"):
+        for name in ("end_time", "rtol", "atol", "lr", "time_lr", "t_min", "t_max", "jko_h0", "jko_rho", "jko_h_min",
+                     "jko_h_max", "jko_lr_decay"):
             _positive(name, getattr(self, name))
-        for name in ("step_size", "test_rtol", "test_atol"):
+        for name in ("step_size", "test_rtol", "test_atol", "jko_finetune_lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        for name in ("weight_decay", "time_alpha", "kinetic", "jacobian", "tpr_weight", "jko_tolerance"):
+        for name in ("weight_decay", "time_alpha", "kinetic", "jacobian", "tpr_weight", "jko_tolerance",
+                     "jko_refine_threshold", "jko_clip"):
             if getattr(self, name) is not None:
                 _non_negative(name, getattr(self, name))
+        require_fraction("jko_eta", self.jko_eta, error=ConfigError)
+        if not self.jko_h_min <= self.jko_h_max:
+            raise ConfigError(f"need jko_h_min <= jko_h_max, got {self.jko_h_min} and {self.jko_h_max}.")
         if _non_negative("time_momentum", self.time_momentum) >= 1:
             raise ConfigError(f"time_momentum must lie in [0, 1), got {self.time_momentum!r}.")
         if self.time_schedule == "joint" and self.time_steps > self.weight_steps:

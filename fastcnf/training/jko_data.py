@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..cnf.jko import movement
+from ..cnf.jko import movement, relative_movement
 from .data import ArrayDataset, DataError, EpochSampler, ToyDataset, toy_sample
 
 __all__ = ["training_pool", "IndexSampler", "PushForwardCache", "POOL_STREAM"]
@@ -89,7 +89,8 @@ class PushForwardCache:
 
     @torch.no_grad()
     def advance(self, flow, seed):
-        """Push through block ``depth`` (depth += 1); returns that block's W2 proxy over the pool."""
+        """Push through block ``depth`` (depth += 1); returns that block's W2 proxy
+        sqrt(E|x_k - x_{k-1}|^2) and relative movement E|x_k - x_{k-1}|^2 / E|x_k|^2 over the pool."""
         if self.depth is None:
             raise RuntimeError("the cache is not built; call reset(flow) or rebuild(flow, depth, seed).")
         index = self.depth
@@ -97,7 +98,7 @@ class PushForwardCache:
             pushed = [flow.block_forward(index, x, logp, estimator=flow.test_estimator)
                       for x, logp in zip(self.x.split(self.chunk_size), self.delta_logp.split(self.chunk_size))]
         x_next = torch.cat([x for x, _ in pushed])
-        moved = movement(self.x, x_next)
+        moved = movement(self.x, x_next), relative_movement(self.x, x_next)
         self.x, self.delta_logp = x_next, torch.cat([logp for _, logp in pushed])
         self.depth += 1
         return moved

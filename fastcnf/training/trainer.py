@@ -20,6 +20,7 @@ DistributedDataParallel once per iteration, metrics rows and validation NLLs are
 global values, and only rank 0 writes files; every process resumes from the same checkpoint.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -29,14 +30,15 @@ import time
 import numpy as np
 import torch
 
-from ..stats import track
+from ..errors import EvaluationBudgetError
+from ..stats import evaluation_budget, track
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     atomic_save,
     atomic_write_text,
     capture_rng_states,
-    load_checkpoint,
+    load_run_checkpoint,
     restore_rng_states,
 )
 from .config import ConfigError, TrainConfig
@@ -50,14 +52,14 @@ from .distributed import (
     process_device,
     reduce_metrics,
 )
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, TrainingInterrupted, TrainingStalled
 from .metrics import MetricsLog, write_summary
 from .registry import TRAINING_METHODS
 from .sharding import shard_draws
 from .training_methods import OptimizerStep
 
-__all__ = ["Trainer", "TrainingDiverged", "evaluate_nll", "load_run", "load_resume_point", "seed_everything",
-           "select_device"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStalled", "TrainingInterrupted", "evaluate_nll", "load_run",
+           "load_resume_point", "seed_everything", "select_device"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -128,7 +130,7 @@ def evaluate_nll(model, data, batch_size, seed, world=SINGLE):
 
 def load_resume_point(out, iterations=None):
     """(config, checkpoint) to continue the run in ``out`` (``iterations`` may extend it)."""
-    checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    checkpoint = load_run_checkpoint(os.path.join(out, CHECKPOINT_NAME))
     values = dict(checkpoint["config"], out=out)
     if iterations is not None:
         values["iterations"] = iterations
@@ -137,7 +139,7 @@ def load_resume_point(out, iterations=None):
 
 def load_run(location, device="cpu"):
     """(config, model in eval mode, dataset, checkpoint) of a run directory or checkpoint file."""
-    checkpoint = load_checkpoint(location)
+    checkpoint = load_run_checkpoint(location)
     config = TrainConfig.from_dict(checkpoint["config"])
     device = select_device(device)
     torch.set_num_threads(_thread_count(config.threads, device))
@@ -146,6 +148,14 @@ def load_run(location, device="cpu"):
     model.load_state_dict(checkpoint["model"])
     model.eval()
     return config, model, dataset, checkpoint
+
+
+def _stall_message(max_nfe, iteration, checkpoint):
+    kept = (f"the checkpoint of iteration {checkpoint['iteration']} is kept" if checkpoint is not None else
+            "no checkpoint was written yet")
+    return (f"iteration {iteration} stopped: its ODE solves needed more than {max_nfe} evaluations of the network "
+            "(--max-nfe); the dynamics became too fast or stiff to integrate. Lower --lr, loosen --rtol/--atol, or "
+            f"raise --max-nfe (0: no limit); {kept}.")
 
 
 def _divergence_message(loss_value, iteration):
@@ -161,6 +171,11 @@ class Trainer:
     ``progress`` shows a tqdm bar (loss, NLL, NFE, T, it/s).
     ``world`` (``fastcnf.training.distributed.World``, default: the current process group's, if any) makes
     it one process of a multi-process run: ``config.batch_size`` is then the global batch.
+
+    Setting ``stop_requested`` (the command line does on Ctrl-C) ends ``run`` after the iteration in
+    progress: it checkpoints that iteration (what a periodic checkpoint there would hold, so a resumed run
+    continues bit for bit) and raises ``TrainingInterrupted``. An iteration whose solves evaluate the
+    dynamics more than ``config.max_nfe`` times (0: no limit) raises ``TrainingStalled``.
     """
 
     def __init__(self, config, progress=True, checkpoint=None, world=None):
@@ -186,6 +201,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self._parallel_loss = None
+        self.stop_requested = False
         if self.world.is_main:
             atomic_write_text(json.dumps(config.as_dict(), indent=2) + "\n", os.path.join(self.out, "config.json"))
 
@@ -248,13 +264,18 @@ class Trainer:
         self.iteration += 1
         batch = self.sampler.next().to(self.device)
         start = time.perf_counter()
-        with track() as stats, shard_draws(self.world.shard, self.config.batch_size):
+        budget = evaluation_budget(self.config.max_nfe) if self.config.max_nfe else contextlib.nullcontext()
+        with track() as stats, shard_draws(self.world.shard, self.config.batch_size), budget:
             phase = self.optimization.begin(self.iteration - 1)
-            loss, metrics = self._batch_loss()(batch)
-            loss_value = loss.item()
-            if not self.world.all_true(math.isfinite(loss_value)):
-                raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
-            loss.backward()
+            try:
+                loss, metrics = self._batch_loss()(batch)
+                loss_value = loss.item()
+                if not self.world.all_true(math.isfinite(loss_value)):
+                    raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
+                loss.backward()
+            except EvaluationBudgetError:
+                saved = load_run_checkpoint(self.checkpoint_file) if os.path.isfile(self.checkpoint_file) else None
+                raise TrainingStalled(_stall_message(self.config.max_nfe, self.iteration, saved)) from None
             self.optimization.step()
         seconds = time.perf_counter() - start
         row = reduce_metrics(self.world, {
@@ -302,19 +323,30 @@ class Trainer:
                     if self.world.is_main:
                         bar.write(f"iteration {self.iteration}: validation NLL "
                                   f"{self.validation_history[-1]['nll']:.4f}")
-                if self.iteration % config.checkpoint_every == 0 or last:
+                saved = self.iteration % config.checkpoint_every == 0 or last
+                if saved:
                     self.save()
+                if self._stopping() and not last:
+                    if not saved:
+                        self.save()
+                    raise TrainingInterrupted(self.iteration, self.out)
         finally:
             bar.close()
             self._parallel_loss = None
         return self.finish()
+
+    def _stopping(self):
+        """Whether to stop after this iteration: ``stop_requested`` in any process."""
+        if not self.world.distributed:
+            return self.stop_requested
+        return not self.world.all_true(not self.stop_requested)
 
     def finish(self):
         """Test NLL, the picture and the final summary (every process returns rank 0's)."""
         test = self.validate("test")
         summary = None
         if self.world.is_main:
-            picture = self.plot() if self.config.plot else None
+            picture = self.plot(test["nll"]) if self.config.plot else None
             summary = self.summary(test=test, picture=picture)
             write_summary(summary, os.path.join(self.out, "metrics.json"))
         return self.world.broadcast_object(summary)
@@ -329,8 +361,9 @@ class Trainer:
                 "validation": self.validation_history, "test": test, "picture": picture, **averages}
 
     @torch.no_grad()
-    def plot(self):
-        """Write the run's picture; returns its path, or None for data without a picture."""
+    def plot(self, test_nll=None):
+        """Write the run's picture (``test_nll`` in its title); returns its path, or None for data without a
+        picture."""
         from .plots import plot_2d, plot_images
 
         with _fork_rng(self.device):
@@ -338,7 +371,9 @@ class Trainer:
             self.model.eval()
             samples = self.model.sample(5000).cpu()
             self.model.train()
-        title = f"{self.config.method} on {self.config.data}"
+        title = f"{self.config.method} on {self.config.data}, {self.iteration} iterations"
+        if test_nll is not None:
+            title += f": test NLL {test_nll:.3f} nats"
         if self.dataset.dim == 2:
             path = os.path.join(self.out, "density.png")
             self.model.eval()

@@ -98,6 +98,7 @@ class TrainingMethod:
     name = None
     summary = ""
     default_weights = {}
+    default_lr = 1e-3
     default_end_time = 0.5  # FFJORD's toy setting
 
     def regularizers(self, config):

@@ -77,14 +77,17 @@ def solve_with_backend(monkeypatch, backend, method, dtype, options=None, state=
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_solutions_agree_across_backends(monkeypatch, method, state, dtype):
     """float64: the same steps and values to rounding. float32: the C++ error ratio accumulates in
-    double, so a decision near the threshold may differ; solutions agree to the tolerance."""
+    double, so a decision near the threshold may differ (the first step's error ratio is rounding
+    noise, and the step after it grows by up to ifactor from it): the evaluation counts differ by at
+    most one trial step or 10%, and solutions agree to the tolerance."""
     reference, reference_calls = solve_with_backend(monkeypatch, "torch", method, dtype, state=state)
     fused, fused_calls = solve_with_backend(monkeypatch, "cpp", method, dtype, state=state)
     if dtype == F64:
         assert fused_calls == reference_calls
-        torch.testing.assert_close(fused, reference, rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
     else:
-        assert abs(fused_calls - reference_calls) <= 0.1 * reference_calls
+        trial_step = fastcnf.METHODS[method].fixed["tableau"].stages
+        assert abs(fused_calls - reference_calls) <= max(0.1 * reference_calls, trial_step)
         torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-4)
 
 

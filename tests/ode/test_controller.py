@@ -200,7 +200,7 @@ def test_pi_options_are_checked():
                              (dict(pcoeff=0.2), "pass controller='pi' as well")):
         with pytest.raises(InvalidOptionError, match=message):
             fastcnf.odeint(lambda t, y: -y, y0, t, options=options)
-    with pytest.raises(InvalidOptionError, match="not accepted by method 'rk4'"):
+    with pytest.warns(fastcnf.IgnoredOptionWarning, match="Option 'controller' is not used by method 'rk4'"):
         fastcnf.odeint(lambda t, y: -y, y0, t, method="rk4", options=dict(step_size=0.1, controller="pi"))
 
 

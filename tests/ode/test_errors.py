@@ -60,8 +60,8 @@ def test_integer_time_is_a_type_error_like_torchdiffeq():
 
 # ---------------------------------------------------------------- initial state
 @pytest.mark.parametrize("y0, message", [
-    ([torch.ones(2)], "y0 must be a torch.Tensor or a non-empty tuple of torch.Tensors, got list"),
-    ((), "non-empty tuple"),
+    ([torch.ones(2)], r"y0 must be either a torch.Tensor or a tuple \(a non-empty one, of torch.Tensors\), got list"),
+    ((), "a non-empty one"),
     ((torch.ones(2), 1.0), "got tuple"),
     (torch.ones(2, dtype=torch.int64), "`y0` must be a floating point Tensor but is a torch.LongTensor"),
     ((torch.ones(2), torch.ones(2, dtype=torch.int32)), "`y0\\[1\\]` must be a floating point Tensor"),
@@ -83,7 +83,7 @@ def test_tuple_state_on_two_devices():
 def test_non_finite_initial_state(bad, method):
     y0 = torch.tensor([1.0, bad], dtype=F64)
     options = dict(step_size=0.1) if method == "rk4" else None
-    with pytest.raises(NonFiniteStateError, match="y0 contains NaN or Inf"):
+    with pytest.raises(NonFiniteStateError, match="^non-finite values in state `y`: y0 contains NaN or Inf"):
         solve(y0=y0, method=method, options=options)
 
 
@@ -107,7 +107,7 @@ def test_non_finite_dynamics_stop_an_adaptive_solve_where_they_appear(func, meth
     """Trial steps that produce NaN/Inf are rejected and shrunk until the step underflows at
     t = 0.5, promptly; the message says where and why."""
     start = time.perf_counter()
-    with pytest.raises(StepSizeUnderflowError, match=r"underflow: dt=.* NaN/Inf values appeared") as error:
+    with pytest.raises(StepSizeUnderflowError, match=r"^underflow in dt .* NaN/Inf values appeared") as error:
         solve(func=func, method=method)
     assert time.perf_counter() - start < 5.0
     assert reported_start_time(error) == pytest.approx(0.5, abs=1e-9)
@@ -121,7 +121,8 @@ def test_non_finite_dynamics_stop_an_event_search():
 
 def test_non_finite_dynamics_with_min_step_is_a_non_finite_state_error():
     """At min_step the step cannot shrink: the error names the step that contains t = 0.5."""
-    with pytest.raises(NonFiniteStateError, match=r"NaN/Inf .* in the step from t=.*dt=0.001 is already at min_step") \
+    with pytest.raises(NonFiniteStateError, match=r"^non-finite values in state `y` or its derivative in the step from "
+                                                  r"t=.*dt=0.001 is already at min_step") \
             as error:
         solve(func=nan_after_half, options=dict(min_step=1e-3))
     assert 0.499 <= reported_start_time(error) <= 0.5
@@ -144,13 +145,14 @@ def test_non_finite_state_on_a_fixed_grid(method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # implicit Adams: the corrector does not converge on NaN
         with pytest.raises(NonFiniteStateError,
-                           match=r"NaN/Inf in the state at the output in the step from t=0\.9.* to t=1\.0"):
+                           match=r"^non-finite values in state `y`: NaN/Inf at the output in the step from "
+                                 r"t=0\.9.* to t=1\.0"):
             solve(func=nan_after_half, t=t, method=method, options=dict(step_size=0.1))
 
 
 def test_blow_up_underflows_near_the_singularity():
     """y' = y^2, y(0) = 1 has y = 1 / (1 - t): the step size underflows just after t = 1."""
-    with pytest.raises(StepSizeUnderflowError, match=r"step size underflow: dt=.* t=1\.0000"):
+    with pytest.raises(StepSizeUnderflowError, match=r"^underflow in dt .* no longer advances t=1\.0000"):
         solve(func=lambda t, y: y * y, t=torch.tensor([0.0, 2.0], dtype=F64))
 
 
@@ -177,18 +179,56 @@ def test_unknown_method_lists_the_methods():
         solve(method="rk45")
 
 
-@pytest.mark.parametrize("method, options, message", [
-    ("dopri5", dict(foo=1), r"Option 'foo' is not accepted by method 'dopri5'; it accepts: check_every, controller, device_loop, dfactor, dtype"),
-    ("euler", dict(first_step=0.1), r"Option 'first_step' is not accepted by method 'euler'; it accepts: "
-                                    r"grid_constructor, interp, norm, perturb, step_size"),
-    ("dopri5", dict(step_size=0.1), r"Option 'step_size' is not accepted by method 'dopri5'"),
-    ("rk4", dict(max_order=4), r"Option 'max_order' is not accepted by method 'rk4'"),
-    ("scipy_solver", dict(step_size=0.1), r"Option 'step_size' is not accepted by method 'scipy_solver'"),
-])
-def test_option_not_accepted_by_the_method(method, options, message):
-    """torchdiffeq only warns about unexpected options; fastcnf refuses them."""
+UNUSED_OPTIONS = [
+    ("dopri5", dict(foo=1), r"Option 'foo' is not used by method 'dopri5'; it accepts: check_every, controller, "
+                            r"device_loop, dfactor, dtype"),
+    ("euler", dict(first_step=0.1), r"Option 'first_step' is not used by method 'euler' \(a fixed-grid method takes "
+                                    r"the steps of its grid\); it accepts: grid_constructor, interp, norm, perturb, "
+                                    r"step_size"),
+    ("dopri5", dict(step_size=0.1), r"Option 'step_size' is not used by method 'dopri5' \(an adaptive method "
+                                    r"chooses its own steps\)"),
+    ("rk4", dict(max_order=4), r"Option 'max_order' is not used by method 'rk4'"),
+    ("scipy_solver", dict(step_size=0.1), r"Option 'step_size' is not used by method 'scipy_solver'"),
+]
+
+
+@pytest.mark.parametrize("method, options, message", UNUSED_OPTIONS)
+def test_option_not_used_by_the_method_is_ignored_with_a_warning(method, options, message, monkeypatch):
+    """torchdiffeq warns about options a method does not use and ignores them; so does fastcnf."""
+    monkeypatch.delenv("FASTCNF_STRICT_OPTIONS", raising=False)
+    with pytest.warns(fastcnf.IgnoredOptionWarning, match=message + r".* It is ignored \(FASTCNF_STRICT_OPTIONS=1"):
+        ours = solve(method=method, options=options)
+    plain_options = {"euler": dict(), "rk4": dict()}.get(method)
+    expected = solve(method=method, options=plain_options)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, options, message", UNUSED_OPTIONS)
+def test_strict_options_make_unused_options_errors(method, options, message, monkeypatch):
+    monkeypatch.setenv("FASTCNF_STRICT_OPTIONS", "1")
     with pytest.raises(InvalidOptionError, match=message):
         solve(method=method, options=options)
+    with pytest.raises(InvalidOptionError, match=message):
+        fastcnf.odeint_adjoint(decay, Y0, T, method=method, options=options, adjoint_params=())
+
+
+@pytest.mark.parametrize("method, options", [
+    ("dopri5", dict(max_step=math.inf, first_step=None, jump_t=None, step_t=None, min_step=0.0, safety=0.9,
+                    ifactor=10.0, dfactor=0.2, max_num_steps=2 ** 31 - 1, dtype=torch.float64)),
+    ("rk4", dict(step_size=None, grid_constructor=None, interp="linear", perturb=False)),
+    ("euler", dict(step_size=0.25, grid_constructor=None)),
+    ("implicit_adams", dict(step_size=0.25, max_iters=4, max_order=12)),
+    ("scipy_solver", dict(solver="LSODA", min_step=0.0, max_step=math.inf)),
+])
+def test_torchdiffeqs_defaults_given_explicitly_are_accepted(method, options, monkeypatch):
+    """They used to raise InvalidOptionError; here they give torchdiffeq's result, without a warning."""
+    monkeypatch.setenv("FASTCNF_STRICT_OPTIONS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # implicit Adams: its corrector's convergence warning
+        warnings.simplefilter("error", fastcnf.IgnoredOptionWarning)
+        ours = solve(method=method, options=options)
+        theirs = torchdiffeq.odeint(decay, Y0, T, method=method, options=options)
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("method, name, value, message", [
@@ -205,14 +245,14 @@ def test_option_not_accepted_by_the_method(method, options, message):
     ("dopri5", "max_num_steps", 2.5, "positive integer, got 2.5"),
     ("dopri5", "max_num_steps", True, "positive integer, got True"),
     ("implicit_adams", "max_order", 0, "positive integer, got 0"),
-    ("implicit_adams", "max_order", 13, "between 1 and 12, got 13"),
+    ("implicit_adams", "max_order", 13, r"must be at most 12 \(and at least 1\), got 13"),
     ("implicit_adams", "max_iters", -2, "positive integer, got -2"),
     ("euler", "grid_constructor", [0.0, 1.0], r"must be callable, got \[0.0, 1.0\]"),
     ("dopri5", "norm", "rms", "must be callable, got 'rms'"),
     ("dopri5", "step_t", torch.tensor([0.5, math.nan]), "contains NaN or Inf"),
     ("dopri5", "jump_t", "0.5", "must be a 1-D tensor of times"),
     ("dopri5", "dtype", torch.int32, "floating torch.dtype, got torch.int32"),
-    ("rk4", "interp", "quadratic", "'linear' or 'cubic', got 'quadratic'"),
+    ("rk4", "interp", "quadratic", "method 'quadratic': interp must be 'linear' or 'cubic'"),
 ])
 def test_bad_option_value(method, name, value, message):
     with pytest.raises(InvalidOptionError, match=f"{name}.*{message}"):
@@ -246,9 +286,111 @@ def test_bad_tolerance(kwargs, message):
         solve(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(atol=torch.tensor([1e-6, math.nan], dtype=F64)), r"atol must be non-negative and not NaN, got nan at flat "
+                                                           r"index 1"),
+    (dict(rtol=torch.tensor([[1e-6], [math.nan]], dtype=F64), y0=torch.ones(2, 2, dtype=F64)),
+     r"rtol must be non-negative and not NaN, got nan at flat index 2"),
+    (dict(atol=torch.full((3,), 1e-6, dtype=F64)), r"atol of shape \(3,\) does not broadcast to the state's shape "
+                                                  r"\(2,\)"),
+    (dict(func=lambda t, y: y, y0=(Y0, Y0), atol=(1e-6, torch.full((3,), 1e-6))),
+     r"atol\[1\] of shape \(3,\) does not broadcast to the state's shape \(2,\)"),
+    (dict(func=lambda t, y: y, y0=(Y0, Y0), rtol=torch.full((3,), 1e-6)),
+     r"rtol for a tuple state must be a number, a tuple with one entry per tensor, or a tensor of its 4 elements"),
+    (dict(rtol=math.nan), "rtol must be a non-negative number, got nan"),
+    (dict(atol="1e-6"), "atol must be a non-negative number, got '1e-6'"),
+])
+def test_bad_tolerance_tensors_get_one_line_errors(kwargs, message):
+    """NaN entries used to end in "underflow in dt 0.0", wrong sizes in raw torch broadcasting errors."""
+    with pytest.raises(InvalidToleranceError, match=message) as error:
+        solve(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_per_entry_and_broadcast_tolerances_still_work():
+    y0 = torch.ones(2, 3, dtype=F64)
+    expected = solve(y0=y0, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(solve(y0=y0, rtol=torch.full((3,), 1e-6, dtype=F64), atol=1e-8), expected)
+    pair = solve(func=lambda t, y: (-y[0], -y[1]), y0=(Y0, Y0), atol=torch.tensor([1e-8, 1e-8], dtype=F64))
+    torch.testing.assert_close(pair[0], solve(atol=1e-8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("bosh3", None), ("rk4", dict(step_size=1e36))])
+def test_an_event_search_whose_step_overflows_gets_a_one_line_error(method, options, dtype):
+    """y' = 0 has a zero error estimate, so the adaptive step grows tenfold per step until it leaves the
+    range of the time dtype; the event never comes. This used to end in raw torch/Python errors
+    ("value cannot be converted to type float without overflow", "cannot convert float infinity")."""
+    if method == "rk4" and dtype == F64:
+        pytest.skip("20000 steps of 1e36 stay inside float64: the step budget ends the search")
+    for event_fn in (lambda t, y: y.sum() - 5.0, lambda t, y: t - 1e300 * torch.ones_like(t)):
+        with pytest.raises(NonFiniteStateError, match=r"^step size overflow: the step dt=.* goes beyond the times a "
+                                                      rf"{dtype} state can be solved at") as error:
+            fastcnf.odeint_event(lambda t, y: torch.zeros_like(y), torch.ones(1, dtype=dtype),
+                                 torch.tensor(0.0, dtype=dtype), event_fn=event_fn, method=method, options=options)
+        assert "\n" not in str(error.value)
+        if dtype == F64:
+            break  # an event at t = 1e300 lies inside float64's range: it is found (next test)
+
+
+def test_an_event_at_a_huge_time_is_located():
+    event_t, _ = fastcnf.odeint_event(lambda t, y: torch.zeros_like(y), torch.ones(1, dtype=F64),
+                                      torch.tensor(0.0, dtype=F64), event_fn=lambda t, y: t - 1e300)
+    assert event_t.item() == pytest.approx(1e300, rel=1e-12)
+
+
 def test_tupled_tolerance_of_the_wrong_length():
     with pytest.raises(InvalidToleranceError, match="tupled rtol it must have the same length as the tuple y0"):
         solve(func=lambda t, y: y, y0=(Y0, Y0), rtol=(1e-3,))
+
+
+# ---------------------------------------------------------------- tolerances the dtype cannot resolve
+@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, "6.1e-05"), (torch.float16, "9.5e-07")])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_default_tolerances_on_half_precision_states_are_refused(dtype, floor, method):
+    """bfloat16 at the default rtol=1e-7 used to return 0.984 (or 1.0) for exp(-1) without a word."""
+    message = (rf"rtol=1e-07, atol=1e-09 ask for more than a {dtype} state resolves: its resolution is "
+               rf"eps=.*eps\*\*2={floor}.*Pass rtol >= {floor}")
+    with pytest.raises(InvalidToleranceError, match=message):
+        fastcnf.odeint(decay, torch.ones(2, dtype=dtype), T, method=method)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-3), (torch.bfloat16, 1e-4), (torch.float16, 1e-3),
+                                         (torch.float16, 1e-5)])
+def test_resolvable_tolerances_on_half_precision_states_work(dtype, rtol):
+    """Above eps**2 the solve is accurate to a few units of the dtype's resolution (float16 used to
+    underflow at any rtol below 1e-2: its error norms overflowed; they are taken in float32 now)."""
+    y = fastcnf.odeint(decay, torch.ones(2, dtype=dtype), T, rtol=rtol, atol=rtol * 1e-2)
+    assert y.dtype == dtype
+    assert abs(y[-1, 0].item() - math.exp(-1)) <= 4 * torch.finfo(dtype).eps * 0.5
+
+
+def test_float32_at_the_default_tolerance_is_unchanged():
+    """float32's eps**2 is 1.4e-14: the default rtol=1e-7 (below float32's eps) is far above it, and the
+    solve takes torchdiffeq's steps (README: the same numbers to rounding)."""
+    func = CountingDecay()
+    ours = fastcnf.odeint(func, torch.linspace(0.5, 2.0, 4), torch.linspace(0, 2, 5))
+    theirs_func = CountingDecay()
+    theirs = torchdiffeq.odeint(theirs_func, torch.linspace(0.5, 2.0, 4), torch.linspace(0, 2, 5))
+    assert func.calls == theirs_func.calls
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
+    fastcnf.odeint(decay, torch.ones(2), T, rtol=1e-12, atol=1e-14)  # still above 1.4e-14: allowed
+
+
+def test_an_absolute_tolerance_below_resolution_at_the_states_scale_is_refused():
+    with pytest.raises(InvalidToleranceError, match="float32 state resolves"):
+        fastcnf.odeint(decay, torch.full((2,), 1e3), T, rtol=0.0, atol=1e-13)
+    fastcnf.odeint(decay, torch.full((2,), 1e-3), T, rtol=0.0, atol=1e-12)  # |y| < 1: judged at unit scale
+
+
+class CountingDecay(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return -y
 
 
 # ---------------------------------------------------------------- the user's function
@@ -319,6 +461,68 @@ def test_errors_torchdiffeq_asserts_are_assertion_errors(case):
         solve(**kwargs)
 
 
+# torchdiffeq's message for each failure opens with these words; client code matches on them
+# (e.g. ``str(error).startswith("underflow")``), so fastcnf's message opens with them too.
+TORCHDIFFEQ_OPENINGS = {
+    "t not a tensor": (dict(t=[0.0, 1.0]), "t must be a torch.Tensor"),
+    "t not 1-D": (dict(t=torch.tensor([[0.0, 1.0]], dtype=F64)), "t must be one dimensional"),
+    "t not monotone": (dict(t=torch.tensor([0.0, 1.0, 0.5], dtype=F64)), "t must be strictly increasing or decreasing"),
+    "t with NaN": (dict(t=torch.tensor([0.0, math.nan], dtype=F64)), "t must be strictly increasing or decreasing"),
+    "t integer": (dict(t=torch.tensor([0, 1])), "`t` must be a floating point Tensor but is a torch.LongTensor"),
+    "y0 a list": (dict(y0=[Y0]), "y0 must be either a torch.Tensor or a tuple"),
+    "rtol requires grad": (dict(rtol=torch.tensor(1e-3, requires_grad=True)), "rtol cannot require gradient"),
+    "tupled atol length": (dict(func=lambda t, y: y, y0=(Y0, Y0), atol=(1e-3, 1e-3, 1e-3)),
+                           "If using tupled atol it must have the same length as the tuple y0"),
+    "unknown method": (dict(method="rk45"), 'Invalid method "rk45". Must be one of {"dopri8", "dopri5", '),
+    "max_order": (dict(method="implicit_adams", options=dict(step_size=0.1, max_order=13)),
+                  "max_order must be at most 12"),
+    "interp": (dict(method="euler", options=dict(step_size=0.1, interp="quad")), "Unknown interpolation method"),
+    "event without step_size": (dict(method="euler", event_fn=lambda t, y: y[0] - 0.5),
+                                "Event handling for fixed step solvers currently requires `step_size`"),
+    "event with 3 times": (dict(t=torch.tensor([0.0, 0.5, 1.0], dtype=F64), event_fn=lambda t, y: y[0] - 0.5),
+                           "We require len(t) == 2 when in event handling mode, but got len(t)=3"),
+    "step_size and grid": (dict(method="euler", options=dict(step_size=0.1, grid_constructor=lambda f, y, t: t)),
+                           "step_size and grid_constructor are mutually exclusive arguments"),
+    "step_t and jump_t": (dict(options=dict(step_t=torch.tensor([0.5]), jump_t=torch.tensor([0.5]))),
+                          "`step_t` and `jump_t` must not have any repeated elements between them"),
+    "max_num_steps": (dict(options=dict(max_num_steps=2)), "max_num_steps exceeded (2>=2)"),
+    "event max_num_steps": (dict(event_fn=lambda t, y: y.sum() + 1.0, options=dict(max_num_steps=3)),
+                            "max_num_steps exceeded (3>=3)"),
+    "underflow": (dict(func=lambda t, y: y * y, t=torch.tensor([0.0, 2.0], dtype=F64)), "underflow in dt"),
+    "NaN dynamics": (dict(func=nan_after_half), "underflow in dt"),
+    "NaN dynamics at min_step": (dict(func=nan_after_half, options=dict(min_step=1e-3)),
+                                 "non-finite values in state `y`"),
+    "fixed-grid event never happens": (dict(method="rk4", options=dict(step_size=0.1),
+                                            event_fn=lambda t, y: y.sum() + 1.0),
+                                       "Reached maximum number of iterations 20000"),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCHDIFFEQ_OPENINGS))
+def test_messages_open_with_torchdiffeqs_words(case):
+    kwargs, opening = TORCHDIFFEQ_OPENINGS[case]
+    messages = []
+    for lib in (torchdiffeq, fastcnf):
+        arguments = dict(kwargs)
+        with warnings.catch_warnings(), pytest.raises(Exception) as error:
+            warnings.simplefilter("ignore")
+            lib.odeint(arguments.pop("func", decay), arguments.pop("y0", Y0), arguments.pop("t", T), **arguments)
+        messages.append(str(error.value))
+        assert isinstance(error.value, type(error.value)) and error.type.__name__ != "NotImplementedError"
+    theirs, ours = messages
+    assert theirs.startswith(opening), theirs
+    assert ours.startswith(opening), ours
+    assert len(ours) > len(opening)  # fastcnf's detail follows
+
+
+def test_non_finite_y0_opens_with_torchdiffeqs_words_for_a_non_finite_state():
+    """torchdiffeq reports NaN in y0 as "underflow in dt 0.0" (its initial step is NaN); its words for a
+    non-finite state are "non-finite values in state `y`", which fastcnf's message opens with."""
+    with pytest.raises(NonFiniteStateError) as error:
+        solve(y0=torch.tensor([1.0, math.nan], dtype=F64))
+    assert str(error.value).startswith("non-finite values in state `y`: y0 contains NaN or Inf")
+
+
 def test_every_error_type_is_a_fastcnf_error_and_a_builtin():
     for error in (InvalidOptionError, InvalidStateError, InvalidTimeGridError, InvalidToleranceError,
                   MaxNumStepsError, NonFiniteStateError, StepSizeUnderflowError, UnknownMethodError):
@@ -346,7 +550,10 @@ def test_overflowing_solution_fails_instead_of_creeping():
 
 
 def test_event_that_never_happens_stops():
-    with pytest.raises(fastcnf.MaxNumStepsError, match="no event"):
+    # 20000 steps along a solution decayed far below atol: each is limited by stability (|lambda| = 1,
+    # dt ~ 3.4), so the search also warns once, after 1000 such steps, that the problem is stiff there
+    with pytest.raises(fastcnf.MaxNumStepsError, match="no event"), \
+            pytest.warns(fastcnf.StiffnessWarning, match="steps over a span of"):
         fastcnf.odeint_event(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
                              torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y.sum() + 1.0)
     with pytest.raises(fastcnf.MaxNumStepsError, match="max_num_steps"):

@@ -9,7 +9,7 @@ import pytest
 
 from fastcnf.training.cli import main
 
-TINY = ["--hidden", "8", "--batch", "32", "--rtol", "1e-3", "--atol", "1e-3", "--val-size", "200", "--no-plot",
+TINY = ["--hidden", "8", "--batch-size", "32", "--rtol", "1e-3", "--atol", "1e-3", "--val-size", "200", "--no-plot",
         "--no-progress"]
 
 
@@ -68,7 +68,7 @@ def test_resume_refuses_changed_settings_and_existing_runs_need_resume(run_dir, 
     assert main(["train", "--out", run_dir, "--resume", "--lr", "0.1"]) == 2
     assert "--lr cannot be changed on --resume" in capsys.readouterr().err
     assert main(["train", "--out", run_dir, *TINY]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "it holds a finished run; pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["train", "--method", "sgd"], ["train", "--rtol", "abc"],

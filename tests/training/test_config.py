@@ -52,3 +52,12 @@ def test_fixed_step_solver_with_step_size_and_unknown_keys():
     assert TrainConfig(solver="rk4", step_size=0.1, test_solver="rk4").step_size == 0.1
     with pytest.raises(ConfigError, match="unknown settings"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_learning_rate_defaults_per_method_and_jko_defaults_follow_the_authors_code():
+    assert TrainConfig().lr == 1e-3
+    jko = TrainConfig(method="jko")
+    assert jko.lr == 1e-4 and jko.jko_clip == 1.0 and (jko.jko_h0, jko.jko_rho, jko.jko_max_blocks) == (0.25, 1.4, 8)
+    assert jko.adjoint and jko.jko_eta == 0.5 and jko.jko_block_time == "interval"
+    assert TrainConfig(method="jko", lr=3e-3).lr == 3e-3
+    assert TrainConfig.from_dict(jko.as_dict()) == jko

@@ -10,6 +10,7 @@ another address (torchrun's own store would listen on all interfaces).
 import csv
 import datetime
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -38,12 +39,13 @@ from fastcnf.training.distributed import (
     reduce_metrics,
 )
 from fastcnf.training.registry import TRAINING_METHODS
+from fastcnf.training.run_folder import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not dist.is_gloo_available(),
                                 reason="needs Linux (loopback interface 'lo') and torch.distributed with gloo")
 
 RUN = ["--data", "8gaussians", "--method", "toflow", "--tpr-weight", "1", "--divergence", "hutchinson-gaussian",
-       "--solver", "rk4", "--step-size", "0.125", "--hidden", "16,16", "--batch", "64", "--lr", "1e-2",
+       "--solver", "rk4", "--step-size", "0.125", "--hidden", "16,16", "--batch-size", "64", "--lr", "1e-2",
        "--weight-steps", "2", "--time-steps", "1", "--iterations", "20", "--checkpoint-every", "4", "--val-every", "10",
        "--val-size", "200", "--threads", "1", "--no-plot", "--no-progress"]
 ITERATIONS = 20
@@ -165,7 +167,8 @@ def test_a_killed_process_ends_the_job_and_resume_reproduces_the_run(runs):
 
 
 def test_only_rank_zero_writes_and_prints(runs):
-    assert set(os.listdir(runs.two)) == RUN_FILES
+    assert set(os.listdir(runs.two)) == RUN_FILES | {LOCK_NAME}  # rank 0 held the folder for both processes
+    assert (pathlib.Path(runs.two) / LOCK_NAME).read_text().strip().isdigit()
     assert [int(row["iteration"]) for row in _rows(runs.two)] == list(range(1, ITERATIONS + 1))
     (_, out0, _), (_, out1, _) = runs.reference
     assert out0.count("test NLL") == 1 and out0.count("validation NLL") == 2
@@ -174,7 +177,7 @@ def test_only_rank_zero_writes_and_prints(runs):
 
 def test_processes_that_disagree_fail_together_naming_the_settings(tmp_path):
     out = str(tmp_path / "run")
-    common = ["train", "--hidden", "8", "--batch", "32", "--iterations", "2", "--no-plot", "--no-progress",
+    common = ["train", "--hidden", "8", "--batch-size", "32", "--iterations", "2", "--no-plot", "--no-progress",
               "--out", out]
     results = _Job([common + ["--lr", "1e-3"], common + ["--lr", "2e-3", "--hidden", "8,8"]],
                    str(tmp_path / "logs")).wait()

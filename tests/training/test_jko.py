@@ -14,7 +14,8 @@ from fastcnf.cnf.jko import (
     block_objective,
     geometric_intervals,
     movement,
-    reparameterized_intervals,
+    refinement_selection,
+    relative_movement,
 )
 from fastcnf.cnf.nets import ODEnet
 from fastcnf.stats import track, untracked
@@ -189,15 +190,6 @@ def test_warm_start_copies_the_previous_block_and_times_follow_the_intervals():
     assert geometric_intervals(0.3, 1.5, 3) == pytest.approx((0.3, 0.45, 0.675))
 
 
-def test_reparameterized_intervals_keep_the_total_and_follow_h_over_movement():
-    new = reparameterized_intervals((0.1, 0.2, 0.4), (0.5, 0.5, 0.25))
-    # weights h/m = (0.2, 0.4, 1.6); scaled to the total 0.7
-    assert new == pytest.approx((0.2 * 0.7 / 2.2, 0.4 * 0.7 / 2.2, 1.6 * 0.7 / 2.2))
-    assert sum(new) == pytest.approx(0.7)
-    with pytest.raises(ValueError, match="one movement per interval"):
-        reparameterized_intervals((0.1, 0.2), (0.5,))
-
-
 def _train_schedule(flow, pool, settings, batch_size=256):
     """Run the schedule on ``pool`` as the trainer does; returns it and {phase: block movements in it}."""
     cache = PushForwardCache(pool)
@@ -217,33 +209,83 @@ def _spread(values):
     return max(values) / min(values)
 
 
-def test_reparameterization_equalizes_the_block_movements():
+def _grown_h(schedule):
+    return [record["h"] for record in schedule.history if record["phase"] == "grow"]
+
+
+def test_damped_reparameterization_rounds_equalize_the_block_movements():
     torch.manual_seed(0)
     flow = JKOFlow(ODEnet(2, (), "ignore"), 0.05, BlockSolver("rk4", 2), "exact")
     pool = torch.from_numpy(toy_sample("8gaussians", 2048, 0)).float()
     settings = JKOSettings(h0=0.05, rho=4.0, block_iterations=120, max_blocks=3, tolerance=0.0,
-                           finetune_iterations=120, reparameterize=True)
+                           finetune_iterations=120, reparameterize=True, rounds=3, eta=0.5, h_min=0.01, h_max=2.0)
     schedule, ended = _train_schedule(flow, pool, settings)
-    assert schedule.finished and flow.num_blocks == 3
-    grown, reparameterized = ended["grow"], ended["reparameterize"]
-    assert sum(flow.intervals) == pytest.approx(0.05 * (1 + 4 + 16))
+    assert schedule.finished and flow.num_blocks == 3 and _grown_h(schedule) == pytest.approx((0.05, 0.2, 0.8))
+    grown = ended["grow"]
+    rounds = [ended["reparameterize"][3 * r:3 * r + 3] for r in range(3)]
+    assert [record["round"] for record in schedule.history if record["phase"] == "reparameterize"] == [0] * 3 + [
+        1] * 3 + [2] * 3
     assert _spread(grown) > 2.0, grown
-    assert _spread(reparameterized) < 1.3, reparameterized
+    assert _spread(grown) > _spread(rounds[0]) > _spread(rounds[2]), (grown, rounds)
+    assert _spread(rounds[2]) < 1.4, rounds
+    assert all(0.01 <= h <= 2.0 for h in flow.intervals)
 
 
-def test_stopping_rule_and_refinement():
+def test_stopping_rule_follows_the_relative_movement_and_refinement_splits_the_selected_blocks():
     torch.manual_seed(0)
     pool = torch.from_numpy(toy_sample("8gaussians", 1024, 0)).float()
     flow = JKOFlow(ODEnet(2, (), "ignore"), 0.5, BlockSolver("rk4", 2), "exact")
-    settings = JKOSettings(h0=0.5, rho=1.0, block_iterations=30, max_blocks=10, tolerance=0.3,
-                           finetune_iterations=10, refine=True)
-    schedule, ended = _train_schedule(flow, pool, settings)
-    grown = ended["grow"]
-    assert grown[-1] < 0.3 and all(m >= 0.3 for m in grown[:-1]) and 1 < len(grown) < 10  # stopped below 0.3
-    assert flow.num_blocks == 2 * len(grown) and flow.intervals == pytest.approx((0.25,) * flow.num_blocks)
+    settings = JKOSettings(h0=0.5, rho=1.0, block_iterations=30, max_blocks=10, tolerance=0.02,
+                           finetune_iterations=10, refine=True, refine_threshold=1.0)
+    schedule, _ = _train_schedule(flow, pool, settings)
+    grown = [record for record in schedule.history if record["phase"] == "grow"]
+    relative = [record["relative"] for record in grown]
+    assert relative[-1] < 0.02 and all(r >= 0.02 for r in relative[:-1]) and 1 < len(grown) < 10, relative
+    moved = [record["movement"] for record in grown]
+    selected = refinement_selection(moved, 1.0)
+    assert 0 < len(selected) < len(grown), moved  # the first blocks move most: not every block is split
+    expected = []
+    for k in range(len(grown)):
+        expected += [0.25, 0.25] if k in selected else [0.5]
+    assert flow.intervals == pytest.approx(expected)
+    refined = [record["block"] for record in schedule.history if record["phase"] == "refine"]
+    first = selected[0]  # blocks before the first split one keep their inputs and are not retrained
+    assert refined == list(range(first, flow.num_blocks))
     assert all(m is not None for m in schedule.movements) and schedule.optimizer is None
     with pytest.raises(RuntimeError, match="schedule is complete"):
         schedule.begin(0)
+
+
+def test_learning_rate_per_stage_and_gradient_clipping():
+    torch.manual_seed(0)
+    pool = torch.from_numpy(toy_sample("8gaussians", 512, 0)).float()
+    flow = JKOFlow(ODEnet(2, (8,), "ignore", "softplus"), 0.5, BlockSolver("rk4", 2), "exact")
+    settings = JKOSettings(h0=0.5, rho=1.0, block_iterations=3, max_blocks=2, tolerance=0.0, finetune_iterations=2,
+                           reparameterize=True, finetune_lr=1e-3, lr_decay=0.5, clip=0.25)
+    cache = PushForwardCache(pool)
+    schedule = JKOSchedule(flow, cache, settings, lr=1e-2, seed=0)
+    sampler = IndexSampler(len(pool), 128, seed=0)
+    seen, norms, hooked = [], [], []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        clipped = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+        seen.append((schedule.phase, schedule.block, optimizer.param_groups[0]["lr"], norms[-1], clipped))
+
+    while not schedule.finished:
+        schedule.begin(0)
+        x = 10.0 * cache.batch(sampler.next())[0]  # large inputs: gradients far above the clip
+        block_objective(flow, schedule.block, x).loss.backward()
+        before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in flow.block_parameters(schedule.block)]))
+        norms.append(before.item())
+        if schedule.optimizer not in hooked:  # one hook per stage's optimizer
+            hooked.append(schedule.optimizer)
+            schedule.optimizer.register_step_pre_hook(record)
+        schedule.step()
+    lrs = [(phase, block, lr) for phase, block, lr, _, _ in seen]
+    assert lrs == [("grow", 0, 1e-2)] * 3 + [("grow", 1, 5e-3)] * 3 + [("reparameterize", 0, 1e-3)] * 2 + [
+        ("reparameterize", 1, 5e-4)] * 2
+    assert all(before > 0.25 and after == pytest.approx(0.25, rel=1e-5) for *_, before, after in seen)
 
 
 def test_trained_stack_beats_the_base_distribution_and_inverts(tmp_path):
@@ -289,7 +331,8 @@ def test_cache_rebuilt_from_scratch_equals_the_incremental_pushes_and_leaves_the
         rebuilt.rebuild(flow, 3, seed=4)
     assert stats.nfe_forward == 0 and torch.equal(torch.rand(3), after)
     assert torch.equal(rebuilt.x, incremental.x) and torch.equal(rebuilt.delta_logp, incremental.delta_logp)
-    assert moved[0] == pytest.approx(movement(pool, flow.block_forward(0, pool, estimator="exact")[0]), rel=1e-5)
+    x_1 = flow.block_forward(0, pool, estimator="exact")[0]
+    assert moved[0] == pytest.approx((movement(pool, x_1), relative_movement(pool, x_1)), rel=1e-5)
     rebuilt.reset(flow)
     with track() as stats:
         rebuilt.advance(flow, seed=4)
@@ -322,3 +365,28 @@ def test_jko_refuses_a_sharded_run():
     config = TrainConfig(method="jko", data="8gaussians")
     with pytest.raises(ConfigError, match="torchrun"):
         TRAINING_METHODS["jko"]().sampler(load_dataset("8gaussians"), config, Shard(rank=1, size=2))
+
+
+def test_evaluation_uses_the_test_solver_and_training_the_block_solver():
+    from fastcnf.training.registry import TRAINING_METHODS
+
+    torch.manual_seed(0)
+    config = TrainConfig(method="jko", hidden=(16,), activation="softplus", jko_steps=2, test_solver="dopri5",
+                         test_rtol=1e-8, test_atol=1e-8, divergence="exact")
+    flow = TRAINING_METHODS["jko"]().build_model(config, 2).double()
+    flow.append_block(0.6)
+    assert flow.solver == BlockSolver("rk4", 2, config.rtol, config.atol, True)
+    assert flow.test_solver == BlockSolver("dopri5", 2, 1e-8, 1e-8, True)
+    x = torch.from_numpy(toy_sample("moons", 100, 0)).double()
+    reference = JKOFlow(flow.nets[0], 0.25, BlockSolver("rk4", 256), "exact")
+    reference.append_block(0.6)
+    reference.load_state_dict(flow.state_dict())
+    with torch.no_grad(), track() as evaluation:
+        evaluated = flow.eval().log_prob(x)
+    with torch.no_grad(), track() as training:
+        flow.train().log_prob(x)
+    with torch.no_grad():
+        fine = reference.eval().log_prob(x)
+    torch.testing.assert_close(evaluated, fine, rtol=0, atol=3e-6)
+    assert training.nfe_forward == 2 * 2 * 4  # blocks x rk4 steps x stages
+    assert evaluation.nfe_forward > training.nfe_forward and evaluation.solves == 2  # dopri5 at 1e-8, per block

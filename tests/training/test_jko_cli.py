@@ -18,7 +18,8 @@ from fastcnf.training.config import TrainConfig
 from fastcnf.training.trainer import Trainer
 
 SCHEDULE = dict(method="jko", hidden=(16, 16), batch_size=64, lr=1e-2, jko_block_iterations=6, jko_max_blocks=3,
-                jko_tolerance=0.0, jko_reparameterize=True, jko_refine=True, jko_finetune_iterations=4, jko_pool=1000,
+                jko_tolerance=0.0, jko_reparameterize=True, jko_refine=True, jko_refine_threshold=0.0,
+                jko_finetune_iterations=4, jko_pool=1000,
                 jko_steps=2, val_every=10, val_size=200, checkpoint_every=1000, plot=False)
 TOTAL = 3 * 6 + 3 * 4 + 6 * 4  # grow 3 blocks, fine-tune them after re-spacing, fine-tune the 6 halves
 IGNORED = ("seconds",)  # wall time is the only column allowed to differ
@@ -68,7 +69,7 @@ def test_eval_and_sample_load_the_whole_stack(tmp_path, capsys):
 
 def _cli(out, *extra):
     command = [sys.executable, "-m", "fastcnf", "train", "--method", "jko", "--data", "8gaussians", "--hidden", "16,16",
-               "--batch", "64", "--lr", "1e-2", "--jko-block-iterations", "60", "--jko-max-blocks", "3",
+               "--batch-size", "64", "--lr", "1e-2", "--jko-block-iterations", "60", "--jko-max-blocks", "3",
                "--jko-tolerance", "0", "--jko-reparameterize", "--jko-finetune-iterations", "30", "--jko-pool", "1000",
                "--jko-steps", "2", "--iterations", "1000", "--checkpoint-every", "25", "--val-every", "50",
                "--val-size", "200", "--threads", "1", "--no-plot", "--no-progress", "--out", out, *extra]
@@ -91,8 +92,17 @@ def test_sigkill_mid_stack_and_resume_reproduces_the_uninterrupted_run(tmp_path)
     (["--jko-max-blocks", "0"], "jko_max_blocks must be a positive integer"),
     (["--jko-steps", "-2"], "jko_steps must be a positive integer"),
     (["--jko-tolerance", "-0.1"], "jko_tolerance must be a finite number >= 0"),
-    (["--jko-pool", "100", "--batch", "512"], "batch_size=512 exceeds jko_pool=100"),
-    (["--data", "digits", "--batch", "5000"], "batch size 5000 exceeds the 1437 training points"),
+    (["--jko-pool", "100", "--batch-size", "512"], "batch_size=512 exceeds jko_pool=100"),
+    (["--data", "digits", "--batch-size", "5000"], "batch size 5000 exceeds the 1437 training points"),
+    (["--jko-eta", "0"], "jko_eta must be in (0, 1], got 0.0"),
+    (["--jko-eta", "1.5"], "jko_eta must be in (0, 1], got 1.5"),
+    (["--jko-h-min", "2", "--jko-h-max", "1"], "need jko_h_min <= jko_h_max, got 2.0 and 1.0"),
+    (["--jko-h-max", "0"], "jko_h_max must be a positive finite number"),
+    (["--jko-clip", "-1"], "jko_clip must be a finite number >= 0"),
+    (["--jko-rounds", "0"], "jko_rounds must be a positive integer"),
+    (["--jko-refine-threshold", "-0.5"], "jko_refine_threshold must be a finite number >= 0"),
+    (["--jko-finetune-lr", "0"], "jko_finetune_lr must be a positive finite number"),
+    (["--jko-lr-decay", "0"], "jko_lr_decay must be a positive finite number"),
 ])
 def test_bad_jko_options_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert main(["train", "--method", "jko", *argv, "--out", str(tmp_path / "run")]) == 2
@@ -100,9 +110,37 @@ def test_bad_jko_options_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert message in error and error.count("\n") == 1 and error.startswith("fastcnf train: error:")
 
 
-@pytest.mark.parametrize("argv", [["--jko-solver", "rk5"], ["--jko-steps", "x"], ["--jko-reparameterize", "yes"]])
+@pytest.mark.parametrize("argv", [["--jko-solver", "rk5"], ["--jko-steps", "x"], ["--jko-reparameterize", "yes"],
+                                  ["--jko-block-time", "global"]])
 def test_jko_argparse_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--method", "jko", *argv])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_every_jko_setting_is_on_the_command_line():
+    import dataclasses
+
+    from fastcnf.training.cli import build_parser
+
+    argv = ["train", "--method", "jko", "--jko-h0", "0.3", "--jko-rho", "1.5", "--jko-h-min", "0.02",
+            "--jko-h-max", "4", "--jko-block-time", "unit", "--jko-block-iterations", "7", "--jko-max-blocks", "5",
+            "--jko-tolerance", "0.02", "--jko-reparameterize", "--jko-rounds", "3", "--jko-eta", "0.25",
+            "--jko-refine", "--jko-refine-threshold", "1.5", "--jko-finetune-iterations", "6", "--jko-clip", "2",
+            "--jko-finetune-lr", "3e-4", "--jko-lr-decay", "0.9", "--jko-solver", "midpoint", "--jko-steps", "5",
+            "--jko-pool", "3000", "--no-adjoint", "--test-solver", "dopri5", "--test-rtol", "1e-6",
+            "--test-atol", "1e-7"]
+    settings = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "command"}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    jko_fields = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("jko_")}
+    assert jko_fields <= set(settings), sorted(jko_fields - set(settings))
+    assert (config.jko_h0, config.jko_rho, config.jko_h_min, config.jko_h_max, config.jko_block_time) == (
+        0.3, 1.5, 0.02, 4.0, "unit")
+    assert (config.jko_block_iterations, config.jko_max_blocks, config.jko_tolerance, config.jko_reparameterize,
+            config.jko_rounds, config.jko_eta) == (7, 5, 0.02, True, 3, 0.25)
+    assert (config.jko_refine, config.jko_refine_threshold, config.jko_finetune_iterations, config.jko_clip,
+            config.jko_finetune_lr, config.jko_lr_decay) == (True, 1.5, 6, 2.0, 3e-4, 0.9)
+    assert (config.jko_solver, config.jko_steps, config.jko_pool, config.adjoint) == ("midpoint", 5, 3000, False)
+    assert (config.test_solver, config.test_rtol, config.test_atol, config.lr) == ("dopri5", 1e-6, 1e-7, 1e-4)

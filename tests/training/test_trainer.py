@@ -51,7 +51,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 def _cli(out, *extra):
     command = [sys.executable, "-m", "fastcnf", "train", "--data", "8gaussians", "--method", "tpr", "--divergence",
-               "hutchinson-gaussian", "--hidden", "16,16", "--batch", "64", "--rtol", "1e-3", "--atol", "1e-3",
+               "hutchinson-gaussian", "--hidden", "16,16", "--batch-size", "64", "--rtol", "1e-3", "--atol", "1e-3",
                "--iterations", "40", "--checkpoint-every", "10", "--val-every", "20", "--threads", "1", "--no-plot",
                "--no-progress", "--out", out, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -136,14 +136,18 @@ class StepSizeController:
 
 
 def solve_failure(status, t, dt, max_num_steps=None, after_nonfinite=False):
-    """The error to raise for a failed solve (``status`` one of the ``FAILED_*``) at user time ``t``."""
+    """The error to raise for a failed solve (``status`` one of the ``FAILED_*``) at user time ``t``.
+
+    Each message opens with torchdiffeq's words for the same failure ("underflow in dt",
+    "non-finite values in state `y`", "max_num_steps exceeded"), which client code matches on.
+    """
     if status == Status.FAILED_UNDERFLOW:
         return StepSizeUnderflowError(
-            f"step size underflow: dt={dt!r} no longer advances t={t!r}"
+            f"underflow in dt {dt!r}: the step size no longer advances t={t!r}"
             + (" after NaN/Inf values appeared in the trial steps; the dynamics are not finite there."
                if after_nonfinite else "."))
     if status == Status.FAILED_NONFINITE:
-        return NonFiniteStateError(f"NaN/Inf in the state or its derivative in the step from t={t!r} "
+        return NonFiniteStateError(f"non-finite values in state `y` or its derivative in the step from t={t!r} "
                                    f"(dt={dt!r} is already at min_step).")
     if status == Status.FAILED_MAX_STEPS:
         return MaxNumStepsError(f"max_num_steps exceeded ({max_num_steps}>={max_num_steps}) at t={t!r}: the solver "

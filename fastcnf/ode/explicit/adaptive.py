@@ -21,10 +21,12 @@ from ...stats import record_solve
 from ..backend import select_backend
 from ..control import Status, StepRule, make_controller, pi_settings, solve_failure
 from ..dynamics import CALLBACK_NAMES, Perturb
-from ..events import EventSearch, event_tolerance
+from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import quartic_eval
+from ..validation import check_tolerance_resolution
 from .device_loop import DEFAULT_CHECK_EVERY, integrate_on_device
 from .stepper import ExplicitRKStepper
+from .stiffness import StiffnessCheck
 
 __all__ = ["AdaptiveRungeKutta", "AcceptedStep", "MAX_NONFINITE_TRIALS"]
 
@@ -58,18 +60,20 @@ class AdaptiveRungeKutta:
         Other keyword arguments are torchdiffeq's options of the same names; ``device_loop`` and
         ``check_every`` choose and tune the device loop; ``controller`` (``"integral"``, torchdiffeq's,
         the default, or ``"pi"``) and the PI coefficients ``pcoeff``/``icoeff`` choose the step-size
-        rule (``fastcnf.ode.control.StepRule``).
+        rule (``fastcnf.ode.control.StepRule``); ``stiffness`` ("warn", "error" or "off") the
+        stiffness check of ``fastcnf.ode.explicit.stiffness``.
     """
 
     OPTIONS = frozenset({"norm", "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor",
                          "dfactor", "max_num_steps", "dtype", "device_loop", "check_every", "controller", "pcoeff",
-                         "icoeff"})
+                         "icoeff", "stiffness"})
     CALLBACKS = frozenset(CALLBACK_NAMES)
 
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
                  max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY,
-                 controller="integral", pcoeff=None, icoeff=None):
+                 controller="integral", pcoeff=None, icoeff=None, stiffness=None):
+        check_tolerance_resolution(rtol, atol, y0)
         self.dynamics = dynamics
         self.y0 = y0
         self.rtol, self.atol = rtol, atol
@@ -90,8 +94,10 @@ class AdaptiveRungeKutta:
         self.stepper = ExplicitRKStepper(tableau, dynamics, y0.numel(), y0.dtype, y0.device)
         self.controller = make_controller(backend, self.rule, tableau.b_error, y0, rtol, atol, norm)
         self.device_loop = self._wants_device_loop(device_loop, backend)
+        self.stiffness = StiffnessCheck(tableau, stiffness)
         self.check_every = int(check_every)
         self.time_anchor = None
+        self.time_limit = time_limit(dynamics.real_dtype)
         self.last_step_size = None  # the step size proposed after the last step of integrate()
         self.accepted = self.rejected = 0
         self._last_nonfinite = False
@@ -139,6 +145,7 @@ class AdaptiveRungeKutta:
         outputs = [self.y0]
         try:
             if len(times) > 1:
+                self.stiffness.begin(self._user_t(times[0]), self._user_t(times[-1]))
                 step = self._start(times[0], t[0] if time_grad else None)
                 for i in range(1, len(times)):
                     step = self._advance(step, times[i])
@@ -159,6 +166,7 @@ class AdaptiveRungeKutta:
         anchor = t0.to(torch.float64) if t0.requires_grad and torch.is_grad_enabled() else None
         search = EventSearch(event_fn, self.max_num_steps if self.max_num_steps_given else None, self._user_t)
         try:
+            self.stiffness.begin(self._user_t(t0.item()))
             step = self._start(t0.item(), anchor)
             if search.start(step.t1, step.y1):
                 event_t, y_event = torch.tensor(step.t1, dtype=torch.float64), step.y1
@@ -225,13 +233,15 @@ class AdaptiveRungeKutta:
         t0, y0, f0 = step.t1, step.y1, step.f1
         rule = self.rule
         dt = step.dt_next
-        if not math.isfinite(dt):
+        if math.isnan(dt):
             dt = rule.min_step
         dt = min(max(dt, rule.min_step), rule.max_step)
         self.dynamics.callback("callback_step", t0, y0, dt)
         t1 = t0 + dt
         if not t1 > t0:
             raise solve_failure(Status.FAILED_UNDERFLOW, self._user_t(t0), dt, after_nonfinite=self._last_nonfinite)
+        if max(abs(t1), dt) > self.time_limit:
+            raise step_overflow(self._user_t(t0), dt, self.dynamics.real_dtype)
 
         on_step_t = on_jump_t = False
         if self.step_t:
@@ -263,6 +273,7 @@ class AdaptiveRungeKutta:
 
         self.dynamics.callback("callback_accept_step", t0, y0, dt)
         self.accepted += 1
+        self.stiffness.observe(stages, self._user_t(t1), dt)
         f1 = last_stage
         if on_step_t and self._next_step_t != len(self.step_t) - 1:
             self._next_step_t += 1
@@ -279,8 +290,8 @@ class AdaptiveRungeKutta:
         self._nonfinite_trials += 1
         if self._nonfinite_trials > MAX_NONFINITE_TRIALS:
             raise NonFiniteStateError(
-                f"NaN/Inf in {self._nonfinite_trials} trial steps near t={self._user_t(t0)!r}: the solution "
-                "overflows or the dynamics are not finite there.")
+                f"non-finite values in state `y`: NaN/Inf in {self._nonfinite_trials} trial steps near "
+                f"t={self._user_t(t0)!r}; the solution overflows or the dynamics are not finite there.")
 
     # ------------------------------------------------------------------ output
     def _dense(self, step, t_out):

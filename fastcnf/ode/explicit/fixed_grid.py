@@ -5,18 +5,22 @@ the user's ``grid_constructor(func, y0, t)`` returns. Output times between grid 
 filled by linear or cubic Hermite interpolation (``interp``), as in torchdiffeq. When ``t``
 requires gradients the grid (and so every step size) stays differentiable.
 
-Subclasses (Adams, implicit Runge-Kutta) replace ``_step``.
+Subclasses (explicit, Adams, implicit Runge-Kutta) provide ``_increment``, the change of the state
+over one step; ``_step`` adds it to the state (torchdiffeq's order: the increment is formed first).
+The event search adds the increments with compensated (Kahan) summation in float32 and narrower
+dtypes, so the state does not drift by a rounding per step against the float64 time and event
+times are located to the dtype's resolution.
 """
 
 import torch
 
 from ...errors import InvalidOptionError, InvalidTimeGridError, NonFiniteStateError
 from ...stats import record_solve
-from ..events import EventSearch, event_tolerance
+from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import cubic_hermite_interp, linear_interp
 from .stepper import ExplicitRKStepper
 
-__all__ = ["FixedGridSolver", "FixedGridRungeKutta", "uniform_grid"]
+__all__ = ["FixedGridSolver", "FixedGridRungeKutta", "CompensatedSum", "uniform_grid"]
 
 
 def uniform_grid(step_size):
@@ -33,7 +37,7 @@ def uniform_grid(step_size):
 
 
 class FixedGridSolver:
-    """Shared loop of the fixed-grid methods; ``_step(t0, dt, t1, y0)`` returns ``(y1, f0)``."""
+    """Shared loop of the fixed-grid methods; ``_increment(t0, dt, t1, y0)`` returns ``(y1 - y0, f0)``."""
 
     OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "norm"})
     CALLBACKS = frozenset({"callback_step"})
@@ -45,7 +49,7 @@ class FixedGridSolver:
         self.rtol, self.atol = rtol, atol
         self.step_size = step_size
         if interp not in ("linear", "cubic"):
-            raise InvalidOptionError(f"interp must be 'linear' or 'cubic', got {interp!r}.")
+            raise InvalidOptionError(f"Unknown interpolation method {interp!r}: interp must be 'linear' or 'cubic'.")
         self.interp = interp
         self.perturb = bool(perturb)
         if step_size is not None and grid_constructor is not None:
@@ -60,6 +64,15 @@ class FixedGridSolver:
 
     def _start(self):
         """Called once before the first step of a solve."""
+
+    def _increment(self, t0, dt, t1, y0):
+        """``(dy, f0)``: the state's change over the step [t0, t1] and f at its start (subclasses)."""
+        raise NotImplementedError
+
+    def _step(self, t0, dt, t1, y0):
+        """``(y1, f0)`` of one step."""
+        dy, f0 = self._increment(t0, dt, t1, y0)
+        return y0 + dy, f0
 
     def integrate(self, t):
         grid = self.grid_constructor(self.dynamics, self.y0, t)
@@ -96,13 +109,17 @@ class FixedGridSolver:
         dt = float(self.step_size)
         y0 = self.y0
         search = EventSearch(event_fn, user_time=self._user_t)
+        summation = CompensatedSum(y0)
         self._start()
         try:
             search.start(t0, y0)
             while True:
                 search.count_step(t0)
                 t1 = t0 + dt
-                y1, f0 = self._step(time(t0), dt, time(t1), y0)
+                if max(abs(t1), dt) > time_limit(self.dynamics.real_dtype):
+                    raise step_overflow(self._user_t(t0), dt, self.dynamics.real_dtype)
+                dy, f0 = self._increment(time(t0), dt, time(t1), y0)
+                y1 = summation.add(y0, dy)
                 self.steps += 1
                 if search.crossed(t1, y1):
                     event_t, y_event = self._locate_event(search, t0, t1, y0, y1, f0, time)
@@ -151,10 +168,33 @@ class FixedGridRungeKutta(FixedGridSolver):
             self.stepper.reuse_buffers()
 
     def _step(self, t0, dt, t1, y0):
+        """The fused path: the stepper combines y1 directly (no separate increment tensor)."""
         f0 = self.stepper.first_stage(t0, y0)
         self._buffer = 1 - self._buffer
         y1, _, _ = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer, keep_stages=False)
         return y1, f0
+
+    def _increment(self, t0, dt, t1, y0):
+        f0 = self.stepper.first_stage(t0, y0)
+        self._buffer = 1 - self._buffer
+        _, stages, _ = self.stepper.step(t0, y0, f0, dt, t1, buffer=self._buffer)
+        return self.stepper.increment(stages, dt), f0
+
+
+class CompensatedSum:
+    """Kahan summation of a state's increments: ``add(y, dy)`` returns y + dy and keeps what that
+    rounding lost, to add it back with the next increment. A no-op (plain ``y + dy``) for float64."""
+
+    def __init__(self, y0):
+        self.lost = None if y0.dtype == torch.float64 else torch.zeros_like(y0)
+
+    def add(self, y, dy):
+        if self.lost is None:
+            return y + dy
+        dy = dy + self.lost
+        y_new = y + dy
+        self.lost = dy - (y_new - y)
+        return y_new
 
 
 def _as_float(value):
@@ -185,5 +225,6 @@ def _check_finite(value, t0, t1, reverse):
     """Raise if an output is not finite (checked per output, not per step, to avoid a sync per step)."""
     if not bool(torch.isfinite(value).all()):
         sign = -1 if reverse else 1
-        raise NonFiniteStateError(f"NaN/Inf in the state at the output in the step from t={sign * _as_float(t0)} to "
+        raise NonFiniteStateError(f"non-finite values in state `y`: NaN/Inf at the output in the step from "
+                                  f"t={sign * _as_float(t0)} to "
                                   f"t={sign * _as_float(t1)} (it may have appeared in an earlier step).")

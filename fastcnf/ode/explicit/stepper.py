@@ -108,6 +108,12 @@ class ExplicitRKStepper:
             return self._step_native_buffer(t0, y0, f0, dt, t1, time, buffer)
         return self._step_inplace(t0, y0, f0, dt, t1, time, buffer)
 
+    def increment(self, stages, dt):
+        """``dt * b @ K``: the change of the state over a step with (S, N) ``stages`` (dt a float or tensor)."""
+        if isinstance(dt, torch.Tensor):
+            return dt.to(stages.dtype) * torch.mv(stages.t(), self.b)
+        return torch.mv(stages.t(), self.b) * dt
+
     def _step_autograd(self, t0, y0, f0, dt, t1, time, keep_stages):
         """Under autograd: stages stay separate tensors, combined by scaled adds (cheap backward),
         and are stacked once at the end for the controller and the dense output."""
@@ -184,10 +190,14 @@ class ExplicitRKStepper:
 
     @staticmethod
     def _add_inplace(weights, y0, stages, dt):
-        out = y0.clone()
-        for j, weight in weights:
+        """y0 + dt * sum_j w_j stages[j], the increment summed before it is added to y0 (see ``_scaled_sum``)."""
+        if not weights:
+            return y0.clone()
+        (first, weight), rest = weights[0], weights[1:]
+        out = torch.mul(stages[first], weight * dt)
+        for j, weight in rest:
             out.add_(stages[j], alpha=weight * dt)
-        return out
+        return out.add_(y0)
 
     def _step_tensor_dt(self, t0, y0, f0, dt, t1):
         """Stages when dt is a tensor (fixed grids built from a differentiable t; the device loop on
@@ -217,8 +227,15 @@ def _identity(t):
 
 
 def _scaled_sum(y0, stages, weights, dt):
-    """y0 + dt * sum_j w_j stages[j] over the non-zero weights (autograd-friendly)."""
-    out = y0
-    for j, weight in weights:
-        out = torch.add(out, stages[j], alpha=weight * dt)
-    return out
+    """y0 + dt * sum_j w_j stages[j] over the non-zero weights (autograd-friendly).
+
+    The increment is summed first and added to y0 once (torchdiffeq's order): adding each stage
+    to y0 in turn rounds at the scale of y once per stage, which makes a float32 state drift.
+    """
+    if not weights:
+        return y0
+    (first, weight), rest = weights[0], weights[1:]
+    increment = stages[first] * (weight * dt)
+    for j, weight in rest:
+        increment = torch.add(increment, stages[j], alpha=weight * dt)
+    return y0 + increment

@@ -140,7 +140,7 @@ class ImplicitRungeKutta(FixedGridSolver):
         self.b = torch.tensor(tableau.b, dtype=y0.dtype, device=y0.device)
         self.start_perturb = Perturb.NEXT if self.perturb else Perturb.NONE
 
-    def _step(self, t0, dt, t1, y0):
+    def _increment(self, t0, dt, t1, y0):
         f0 = self.dynamics(t0, y0, self.start_perturb)
         step = ImplicitStageSolve(self, t0, dt, t1, y0, f0)
         stages = []
@@ -148,8 +148,8 @@ class ImplicitRungeKutta(FixedGridSolver):
             stages.append(step.solve_group(group, torch.cat(stages) if stages else None))
         stages = torch.cat(stages)
         if isinstance(dt, torch.Tensor):
-            return y0 + dt * (self.b @ stages), f0
-        return torch.addmv(y0, stages.t(), self.b, alpha=dt), f0
+            return dt * (self.b @ stages), f0
+        return torch.mv(stages.t(), self.b) * dt, f0
 
 
 class ImplicitStageSolve:

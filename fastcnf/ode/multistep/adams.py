@@ -29,6 +29,7 @@ __all__ = ["Adams", "MAX_ORDER", "MIN_ORDER"]
 
 MIN_ORDER = 4
 MAX_ORDER = 12
+HISTORY_DTYPE = torch.float64  # the dtype of the sums over the history (see ``Adams._increment``)
 
 
 class Adams(FixedGridSolver):
@@ -42,7 +43,7 @@ class Adams(FixedGridSolver):
             max_order = MAX_ORDER if implicit else 5
         max_order = int(max_order)
         if not 1 <= max_order <= MAX_ORDER:
-            raise InvalidOptionError(f"max_order must be between 1 and {MAX_ORDER}, got {max_order}.")
+            raise InvalidOptionError(f"max_order must be at most {MAX_ORDER} (and at least 1), got {max_order}.")
         if max_order < MIN_ORDER:
             warnings.warn(f"max_order is below {MIN_ORDER}, so the solver reduces to `rk4`.")
         if int(max_iters) < 1:
@@ -61,31 +62,33 @@ class Adams(FixedGridSolver):
             self.history.appendleft(f)
             self.history_t = t
 
-    def _step(self, t0, dt, t1, y0):
+    def _increment(self, t0, dt, t1, y0):
         f0 = self.dynamics(t0, y0, Perturb.NEXT if self.perturb else Perturb.NONE)
         self._remember(t0, f0)
         order = min(len(self.history), self.max_order - 1)
         if order < MIN_ORDER - 1:
-            y1, _, _ = self.rk4.step(t0, y0, f0, dt, t1, keep_stages=False)
-            return y1, f0
-        past = torch.stack(tuple(self.history)[:order], 1)
-        weights = torch.tensor(bashforth(order), dtype=y0.dtype, device=y0.device)
-        dy = dt * torch.mv(past, weights)
+            _, stages, _ = self.rk4.step(t0, y0, f0, dt, t1)
+            return self.rk4.increment(stages, dt), f0
+        # The weights of high orders are large and of both signs (up to 133 at order 11), so the sums
+        # over the history cancel: they are formed in float64 and the increment rounded once.
+        past = torch.stack(tuple(self.history)[:order], 1).to(HISTORY_DTYPE)
+        weights = torch.tensor(bashforth(order), dtype=HISTORY_DTYPE, device=y0.device)
+        dy = (dt * torch.mv(past, weights)).to(y0.dtype)
         if self.implicit:
             dy = self._correct(t1, dt, y0, dy, past, order)
-        return y0 + dy, f0
+        return dy, f0
 
     def _correct(self, t1, dt, y0, dy, past, order):
-        """Adams-Moulton fixed-point iterations on the increment ``dy``."""
+        """Adams-Moulton fixed-point iterations on the increment ``dy``; ``past`` is in ``HISTORY_DTYPE``."""
         weights = moulton(order + 1)
-        history_weights = torch.tensor(weights[1:], dtype=y0.dtype, device=y0.device)
+        history_weights = torch.tensor(weights[1:], dtype=HISTORY_DTYPE, device=y0.device)
         delta = dt * torch.mv(past, history_weights)
         perturb = Perturb.PREV if self.perturb else Perturb.NONE
         converged = False
         for _ in range(self.max_iters):
             dy_old = dy
             f1 = self.dynamics(t1, y0 + dy, perturb)
-            dy = dt * weights[0] * f1 + delta
+            dy = (dt * weights[0] * f1 + delta).to(y0.dtype)
             tolerance = self.atol + self.rtol * torch.maximum(dy_old.abs(), dy.abs())
             converged = bool(((dy_old - dy).abs() / tolerance).max() < 1)
             if converged:

@@ -30,14 +30,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("y0"), py::arg("y1"), py::arg("stages"), py::arg("stage_stride"), py::arg("is_double"),
       py::arg("weights"), py::arg("dt"), py::arg("rtol"), py::arg("atol"), py::arg("segment_ends"),
       py::arg("segment_skip"));
-  m.def("propose_step", &fastcnf::propose_step, py::arg("error_ratio"), py::arg("dt"), py::arg("order"),
-        py::arg("safety"), py::arg("ifactor"), py::arg("dfactor"), py::arg("min_step"), py::arg("max_step"));
+  py::class_<fastcnf::StepRule>(m, "StepRule")
+      .def(py::init([](double order, double safety, double ifactor, double dfactor, double min_step, double max_step,
+                       bool pi, double pcoeff, double icoeff) {
+             return fastcnf::StepRule{order, safety, ifactor, dfactor, min_step, max_step, pi, pcoeff, icoeff};
+           }),
+           py::arg("order"), py::arg("safety"), py::arg("ifactor"), py::arg("dfactor"), py::arg("min_step"),
+           py::arg("max_step"), py::arg("pi"), py::arg("pcoeff"), py::arg("icoeff"));
+  m.def("propose_step", &fastcnf::propose_step, py::arg("error_ratio"), py::arg("dt"), py::arg("rule"),
+        py::arg("last_ratio"));
   py::class_<fastcnf::StepController>(m, "StepController")
-      .def(py::init<std::vector<double>, double, double, std::vector<int64_t>, std::vector<bool>, double, double,
-                    double, double, double, double, bool>(),
+      .def(py::init<std::vector<double>, double, double, std::vector<int64_t>, std::vector<bool>, fastcnf::StepRule,
+                    bool>(),
            py::arg("error_weights"), py::arg("rtol"), py::arg("atol"), py::arg("segment_ends"),
-           py::arg("segment_skip"), py::arg("order"), py::arg("safety"), py::arg("ifactor"), py::arg("dfactor"),
-           py::arg("min_step"), py::arg("max_step"), py::arg("is_double"))
+           py::arg("segment_skip"), py::arg("rule"), py::arg("is_double"))
       .def("error_ratio", &fastcnf::StepController::error_ratio)
       .def("step", &fastcnf::StepController::step);
   py::class_<fastcnf::CpuStageCombiner>(m, "CpuStageCombiner")

@@ -97,40 +97,36 @@ double scaled_error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t 
                                  reinterpret_cast<const float*>(stages), stage_stride, weights, dt, rtol, atol, norm);
 }
 
-// Same rule as reference.propose_step: returns (accept, dt_next, status).
-std::tuple<bool, double, int> propose_step(double error_ratio, double dt, double order, double safety,
-                                           double ifactor, double dfactor, double min_step, double max_step) {
+// Same rule as reference.propose_step: returns (accept, dt_next, status, last_ratio).
+std::tuple<bool, double, int, double> propose_step(double error_ratio, double dt, const StepRule& rule,
+                                                   double last_ratio) {
   if (!std::isfinite(error_ratio)) {
-    const bool stuck = dt <= min_step;  // cannot shrink any further: the solve fails
-    return {false, clamp(dt * dfactor, min_step, max_step), stuck ? STATUS_FAILED_NONFINITE : STATUS_NONFINITE};
+    const bool stuck = dt <= rule.min_step;  // cannot shrink any further: the solve fails
+    return {false, clamp(dt * rule.dfactor, rule.min_step, rule.max_step),
+            stuck ? STATUS_FAILED_NONFINITE : STATUS_NONFINITE, last_ratio};
   }
   bool accept = error_ratio <= 1.0;
-  if (dt > max_step) accept = false;
-  if (dt <= min_step) accept = true;
+  if (dt > rule.max_step) accept = false;
+  if (dt <= rule.min_step) accept = true;
   double dt_next;
   if (error_ratio == 0.0) {
-    dt_next = dt * ifactor;
+    dt_next = dt * rule.ifactor;
   } else {
-    const double shrink = error_ratio < 1.0 ? 1.0 : dfactor;
-    dt_next = dt * std::min(ifactor, std::max(safety / std::pow(error_ratio, 1.0 / order), shrink));
+    const double shrink = error_ratio < 1.0 ? 1.0 : rule.dfactor;
+    const double proposal =
+        rule.pi ? rule.safety * std::pow(error_ratio, -(rule.icoeff + rule.pcoeff) / rule.order) *
+                      std::pow(last_ratio, rule.pcoeff / rule.order)
+                : rule.safety / std::pow(error_ratio, 1.0 / rule.order);
+    dt_next = dt * std::min(rule.ifactor, std::max(proposal, shrink));
   }
-  return {accept, clamp(dt_next, min_step, max_step), STATUS_OK};
+  if (accept) last_ratio = error_ratio > 0.0 ? error_ratio : 1.0;
+  return {accept, clamp(dt_next, rule.min_step, rule.max_step), STATUS_OK, last_ratio};
 }
 
 StepController::StepController(std::vector<double> error_weights, double rtol, double atol,
-                               std::vector<int64_t> segment_ends, std::vector<bool> segment_skip, double order,
-                               double safety, double ifactor, double dfactor, double min_step, double max_step,
+                               std::vector<int64_t> segment_ends, std::vector<bool> segment_skip, StepRule rule,
                                bool is_double)
-    : weights_(std::move(error_weights)),
-      rtol_(rtol),
-      atol_(atol),
-      order_(order),
-      safety_(safety),
-      ifactor_(ifactor),
-      dfactor_(dfactor),
-      min_step_(min_step),
-      max_step_(max_step),
-      is_double_(is_double) {
+    : weights_(std::move(error_weights)), rtol_(rtol), atol_(atol), rule_(rule), is_double_(is_double) {
   if (segment_ends.size() != segment_skip.size()) {
     throw std::invalid_argument("segment_ends and segment_skip must have the same length");
   }
@@ -143,12 +139,13 @@ double StepController::error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages,
   return scaled_error_ratio(y0, y1, stages, stage_stride, is_double_, weights_, dt, rtol_, atol_, norm_);
 }
 
-// Returns (accept, dt_next, error_ratio, status).
-std::tuple<bool, double, double, int> StepController::step(uintptr_t y0, uintptr_t y1, uintptr_t stages,
-                                                           int64_t stage_stride, double dt) const {
+// Returns (accept, dt_next, error_ratio, status, last_ratio).
+std::tuple<bool, double, double, int, double> StepController::step(uintptr_t y0, uintptr_t y1, uintptr_t stages,
+                                                                   int64_t stage_stride, double dt,
+                                                                   double last_ratio) const {
   const double ratio = error_ratio(y0, y1, stages, stage_stride, dt);
-  auto [accept, dt_next, status] = propose_step(ratio, dt, order_, safety_, ifactor_, dfactor_, min_step_, max_step_);
-  return {accept, dt_next, ratio, status};
+  auto [accept, dt_next, status, last] = propose_step(ratio, dt, rule_, last_ratio);
+  return {accept, dt_next, ratio, status, last};
 }
 
 }  // namespace fastcnf

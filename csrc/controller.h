@@ -26,21 +26,31 @@ double scaled_error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t 
                           const std::vector<double>& weights, double dt, double rtol, double atol,
                           const SegmentNorm& norm);
 
-std::tuple<bool, double, int> propose_step(double error_ratio, double dt, double order, double safety,
-                                           double ifactor, double dfactor, double min_step, double max_step);
+// The step-size rule of fastcnf.ode.control.StepRule (integral, or PI when `pi`).
+struct StepRule {
+  double order, safety, ifactor, dfactor, min_step, max_step;
+  bool pi;
+  double pcoeff, icoeff;
+};
+
+// (accept, dt_next, status, last_ratio): last_ratio is the error ratio of the last accepted step after this
+// decision (the PI rule reads the one before it).
+std::tuple<bool, double, int, double> propose_step(double error_ratio, double dt, const StepRule& rule,
+                                                   double last_ratio);
 
 class StepController {
  public:
   StepController(std::vector<double> error_weights, double rtol, double atol, std::vector<int64_t> segment_ends,
-                 std::vector<bool> segment_skip, double order, double safety, double ifactor, double dfactor,
-                 double min_step, double max_step, bool is_double);
+                 std::vector<bool> segment_skip, StepRule rule, bool is_double);
   double error_ratio(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t stage_stride, double dt) const;
-  std::tuple<bool, double, double, int> step(uintptr_t y0, uintptr_t y1, uintptr_t stages, int64_t stage_stride,
-                                             double dt) const;
+  // (accept, dt_next, error_ratio, status, last_ratio)
+  std::tuple<bool, double, double, int, double> step(uintptr_t y0, uintptr_t y1, uintptr_t stages,
+                                                     int64_t stage_stride, double dt, double last_ratio) const;
 
  private:
   std::vector<double> weights_;
-  double rtol_, atol_, order_, safety_, ifactor_, dfactor_, min_step_, max_step_;
+  double rtol_, atol_;
+  StepRule rule_;
   bool is_double_;
   SegmentNorm norm_;
 };

@@ -13,9 +13,11 @@ so the Hutchinson quadratic form costs one fused launch instead of a forward pas
 autograd vector-Jacobian product. Each layer is a runtime loop of outer products over its
 inputs: plain FMAs in the state dtype, so results match torch to rounding, and small code that
 compiles in seconds for any width up to ``MAX_WIDTH`` (``supports`` checks that). Under autograd
-the kernel also stores every hidden ``pre_k`` and ``tan_k``; the backward (``HutchinsonMLP``)
-runs the reverse pass of the (h, v) recurrence with torch matmuls and gives gradients to ``z``,
-``eps``, ``t`` and every weight and bias. The plain torch reference is ``hutchinson_reference``
+the kernel also stores every hidden ``pre_k`` and ``tan_k``; the backward (``HutchinsonMLP``) is
+the reverse pass of the (h, v) recurrence of ``tangent_mlp.tangent_backward`` (torch matmuls),
+with the time columns folded into the biases (b_k + t W_k[:, 0]), and gives gradients to ``z``,
+``eps``, ``t`` and every weight and bias. ``tangent_mlp`` is this kernel's CPU twin and holds the
+math (any number of probes, on any device). The plain torch reference is ``hutchinson_reference``
 (``torch.func.jvp`` through ``mlp_reference``). This module imports nothing from fastcnf; the
 caller (``fastcnf.cnf.divergence``) decides when to use it.
 """
@@ -29,6 +31,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .tangent_mlp import ACTIVATIONS, activation_slope, tangent_backward
+from .tangent_mlp import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
+
 __all__ = ["MAX_WIDTH", "DTYPES", "ACTIVATIONS", "supports", "hutchinson_mlp", "HutchinsonMLP", "hutchinson_reference",
            "mlp_reference"]
 
@@ -36,14 +41,7 @@ MAX_WIDTH = 128
 DTYPES = (torch.float32, torch.float64)
 TILE_ELEMENTS = {torch.float32: 1024, torch.float64: 512}
 MAX_BATCH_BLOCK = 64
-SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's default: identity above it
-ACTIVATIONS = {
-    "tanh": torch.tanh,
-    "softplus": F.softplus,
-    "sigmoid": torch.sigmoid,
-    "swish": F.silu,
-    "elu": F.elu,
-}
+SOFTPLUS_THRESHOLD = tl.constexpr(_SOFTPLUS_THRESHOLD)  # torch.nn.functional.softplus's: identity above it
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -196,32 +194,6 @@ def _launch(arch, z, eps, t, weights, biases, save):
     return f, quad, saved_pre, saved_tangent
 
 
-def _derivatives(name, x):
-    """(act(x), act'(x), act''(x)) in torch, matching torch's own derivative conventions."""
-    if name == "tanh":
-        value = torch.tanh(x)
-        slope = 1 - value * value
-        return value, slope, -2 * value * slope
-    if name == "softplus":
-        sigmoid = torch.sigmoid(x)
-        linear = x > SOFTPLUS_THRESHOLD.value
-        slope = torch.where(linear, torch.ones_like(x), sigmoid)
-        curvature = torch.where(linear, torch.zeros_like(x), sigmoid * (1 - sigmoid))
-        return F.softplus(x), slope, curvature
-    if name == "sigmoid":
-        value = torch.sigmoid(x)
-        slope = value * (1 - value)
-        return value, slope, slope * (1 - 2 * value)
-    if name == "swish":
-        sigmoid = torch.sigmoid(x)
-        slope = sigmoid * (1 + x * (1 - sigmoid))
-        return x * sigmoid, slope, sigmoid * (1 - sigmoid) * (2 + x * (1 - 2 * sigmoid))
-    negative = torch.exp(torch.clamp(x, max=0))
-    positive = x > 0
-    return (torch.where(positive, x, negative - 1), torch.where(positive, torch.ones_like(x), negative),
-            torch.where(positive, torch.zeros_like(x), negative))
-
-
 class HutchinsonMLP(torch.autograd.Function):
     """``(f, quad)`` of the fused kernel with gradients for z, eps, t (shape (1,)), weights and biases."""
 
@@ -238,37 +210,28 @@ class HutchinsonMLP(torch.autograd.Function):
     def backward(ctx, grad_f, grad_quad):
         arch = ctx.arch
         z, eps, t, saved_pre, saved_tangent, *weights = ctx.saved_tensors
-        hidden, tangents, layers = [z], [eps], []
+        inputs, outputs, slopes = [torch.stack([z, eps])], [], []
         for layer in range(arch.num_layers - 1):
             width = arch.widths[layer + 1]
-            pre = saved_pre[layer, :, :width]
-            tangent = saved_tangent[layer, :, :width]
-            value, slope, curvature = _derivatives(arch.activation, pre)
-            hidden.append(value)
-            tangents.append(slope * tangent)
-            layers.append((tangent, slope, curvature))
-
-        grad_weights, grad_biases = [None] * arch.num_layers, [None] * arch.num_layers
-        grad_t = torch.zeros_like(t)
-        weight_h = weights[-1][:, arch.time[-1]:]
-        grad_tangent = grad_quad[:, None] * eps
-        grad_eps = grad_quad[:, None] * (tangents[-1] @ weight_h.t())
-        grad_pre = grad_f
-        for layer in reversed(range(arch.num_layers)):
-            if layer < arch.num_layers - 1:
-                tangent, slope, curvature = layers[layer]
-                grad_pre, grad_tangent = grad_h * slope + grad_v * curvature * tangent, grad_v * slope
-            weight = weights[layer]
-            weight_h = weight[:, arch.time[layer]:]
-            grad_weight_h = grad_pre.t() @ hidden[layer] + grad_tangent.t() @ tangents[layer]
-            grad_biases[layer] = grad_pre.sum(0)
-            if arch.time[layer]:
-                grad_weights[layer] = torch.cat([(t * grad_biases[layer])[:, None], grad_weight_h], dim=1)
-                grad_t = grad_t + grad_biases[layer] @ weight[:, 0]
+            pre, tangent = saved_pre[layer, :, :width], saved_tangent[layer, :, :width]
+            value, slope = activation_slope(arch.activation, pre)
+            inputs.append(torch.stack([value, slope * tangent]))
+            outputs.append(torch.stack([pre, tangent]))
+            slopes.append(slope)
+        last_weight = weights[-1][:, arch.time[-1]:]
+        tangents = (inputs[-1][1] @ last_weight.t())[None]
+        saved = (inputs, outputs, slopes, tangents)
+        weights_h = [weight[:, time:] for weight, time in zip(weights, arch.time)]
+        grad_z, grad_eps, grad_weights_h, grad_biases = tangent_backward(
+            saved, weights_h, arch.activation, eps[None], grad_f, grad_quad, probes_grad=True)
+        grad_weights, grad_t = [], torch.zeros_like(t)
+        for weight, grad_weight_h, grad_bias, time in zip(weights, grad_weights_h, grad_biases, arch.time):
+            if time:  # the time column enters as the bias t * W[:, 0]
+                grad_weights.append(torch.cat([(t * grad_bias)[:, None], grad_weight_h], dim=1))
+                grad_t = grad_t + grad_bias @ weight[:, 0]
             else:
-                grad_weights[layer] = grad_weight_h
-            grad_h, grad_v = grad_pre @ weight_h, grad_tangent @ weight_h
-        return (None, grad_h, grad_eps + grad_v, grad_t, *grad_weights, *grad_biases)
+                grad_weights.append(grad_weight_h)
+        return (None, grad_z, grad_eps[0], grad_t, *grad_weights, *grad_biases)
 
 
 def hutchinson_mlp(spec, t, z, eps):

@@ -13,8 +13,9 @@ Three kernels replace the O(stages) small tensor ops of an explicit Runge-Kutta 
   segment to a partial sum of squares; a single program then adds each segment's partials in a
   fixed order, so the result is deterministic;
 * the step decision (``ErrorRatio.decide``): the same single program applies the step-size rule
-  (torchdiffeq's integral controller: accept, next step size, status) to the ratio, so a trial
-  step is judged without reading anything back to the host.
+  (torchdiffeq's integral controller, or the PI controller, which also reads the error ratio of
+  the last accepted step: accept, next step size, status, the new last accepted ratio) to the
+  ratio, so a trial step is judged without reading anything back to the host.
 
 States are flat (N,) tensors with any element stride and stages an (S, N) buffer with any
 strides, in float32 or float64. ``dt`` is a Python float or a 0-dim device tensor (read by the
@@ -53,7 +54,8 @@ FINALIZE_CHUNK = 256
 # ---------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _step_size(dt_value, dt_pointer, DT_POINTER: tl.constexpr):
-    """dt as a float64 block of one: loaded from the device, or the value passed in."""
+    """A scalar (dt, or the last accepted error ratio) as a float64 block of one: loaded from the device, or the
+    value passed in."""
     if DT_POINTER:
         return tl.load(dt_pointer + tl.arange(0, 1)).to(tl.float64)
     return tl.full([1], dt_value, tl.float64)
@@ -121,16 +123,19 @@ def _error_partials_kernel(partials, y0, y1, stages, indices, weights, num_weigh
 
 @triton.jit
 def _error_finalize_kernel(out, partials, segment_blocks, segment_sizes, num_segments, dt_value: tl.float64,
-                           dt_pointer, order: tl.float64, safety: tl.float64, ifactor: tl.float64,
-                           dfactor: tl.float64, min_step: tl.float64, max_step: tl.float64,
-                           STATUS_OK: tl.constexpr, STATUS_NONFINITE: tl.constexpr,
-                           STATUS_FAILED_NONFINITE: tl.constexpr, DT_POINTER: tl.constexpr, DECIDE: tl.constexpr,
-                           CHUNK: tl.constexpr):
+                           dt_pointer, last_value: tl.float64, last_pointer, order: tl.float64, safety: tl.float64,
+                           ifactor: tl.float64, dfactor: tl.float64, min_step: tl.float64, max_step: tl.float64,
+                           pcoeff: tl.float64, icoeff: tl.float64, STATUS_OK: tl.constexpr,
+                           STATUS_NONFINITE: tl.constexpr, STATUS_FAILED_NONFINITE: tl.constexpr,
+                           DT_POINTER: tl.constexpr, LAST_POINTER: tl.constexpr, PI: tl.constexpr,
+                           DECIDE: tl.constexpr, CHUNK: tl.constexpr):
     """out[0] = r = max over segments s of sqrt(sum of the partials of s / size of s); NaN if any is not finite.
 
     ``segment_blocks`` is (2, num_segments): first and end block index of each counted segment.
     With ``DECIDE`` the rule is applied to r as well: out[1] = accept (1.0 or 0.0), out[2] = the next
-    step size, out[3] = the status code (one of the three ``STATUS_*`` the caller passes in).
+    step size, out[3] = the status code (one of the three ``STATUS_*`` the caller passes in), out[4] =
+    the error ratio of the last accepted step after this decision. With ``PI`` the PI rule reads the
+    last accepted ratio before it (from ``last_pointer`` when ``LAST_POINTER``, else ``last_value``).
     """
     ratio = tl.zeros([1], tl.float64)
     poison = tl.zeros([1], tl.float64)
@@ -156,15 +161,22 @@ def _error_finalize_kernel(out, partials, segment_blocks, segment_sizes, num_seg
         accept = ((ratio <= 1.0) & (dt <= max_step)) | at_min
         accept = accept & finite
         shrink = tl.where(ratio < 1.0, one, shrink_most)
-        growth = safety / tl.exp(tl.log(ratio) / order)  # safety / ratio ** (1 / order); inf at ratio 0
+        last = _step_size(last_value, last_pointer, LAST_POINTER)
+        if PI:  # safety * ratio ** (-(icoeff + pcoeff) / order) * last ** (pcoeff / order)
+            growth = safety * tl.exp(tl.log(ratio) * (-(icoeff + pcoeff) / order)) * tl.exp(
+                tl.log(last) * (pcoeff / order))
+        else:
+            growth = safety / tl.exp(tl.log(ratio) / order)  # safety / ratio ** (1 / order); inf at ratio 0
         factor = tl.minimum(grow, tl.maximum(growth, shrink))
         factor = tl.where(ratio == 0.0, grow, factor)
         factor = tl.where(finite, factor, shrink_most)
         dt_next = tl.minimum(tl.maximum(dt * factor, one * min_step), one * max_step)
         status = tl.where(finite, STATUS_OK, tl.where(at_min, STATUS_FAILED_NONFINITE, STATUS_NONFINITE))
+        last = tl.where(accept, tl.where(ratio > 0.0, ratio, one), last)
         tl.store(out + 1 + first, tl.where(accept, one, 0.0 * one))
         tl.store(out + 2 + first, dt_next)
         tl.store(out + 3 + first, status.to(tl.float64))
+        tl.store(out + 4 + first, last)
 
 
 # ----------------------------------------------------------------------------- stage combination
@@ -185,12 +197,12 @@ class _SparseRow:
                    length=len(weights))
 
 
-def _dt_arguments(dt, device):
-    """(value, pointer, DT_POINTER) kernel arguments for a float or 0-dim tensor step size."""
+def _dt_arguments(dt, device, name="dt"):
+    """(value, pointer, DT_POINTER) kernel arguments for a float or 0-dim tensor scalar (``dt`` by default)."""
     if isinstance(dt, torch.Tensor):
         if dt.numel() != 1 or dt.device != device:
-            raise ValueError(f"dt must be a float or a one-element tensor on {device}, got shape {tuple(dt.shape)} on "
-                             f"{dt.device}.")
+            raise ValueError(f"{name} must be a float or a one-element tensor on {device}, got shape "
+                             f"{tuple(dt.shape)} on {dt.device}.")
         return 0.0, dt.detach().reshape(1), True
     return float(dt), None, False
 
@@ -302,10 +314,11 @@ class ErrorRatio:
         self.segment_sizes = torch.tensor(segment_sizes or [1.0], dtype=torch.float64, device=device)
         self.partials = torch.empty(max(self.num_blocks, 1), dtype=torch.float64, device=device)
 
-    def _launch(self, y0, y1, stages, dt, rule=None, codes=(0, 1, 2)):
+    def _launch(self, y0, y1, stages, dt, rule=None, codes=(0, 1, 2), last_ratio=1.0):
         _check_error_inputs(self.row, self.numel, y0, y1, stages)
         dt_value, dt_pointer, from_pointer = _dt_arguments(dt, y0.device)
-        out = torch.empty(4 if rule is not None else 1, dtype=torch.float64, device=y0.device)
+        last_value, last_pointer, last_from_pointer = _dt_arguments(last_ratio, y0.device, "last_ratio")
+        out = torch.empty(5 if rule is not None else 1, dtype=torch.float64, device=y0.device)
         if self.num_blocks:
             rtol = self.rtol if self.rtol is not None else self.partials
             atol = self.atol if self.atol is not None else self.partials
@@ -315,14 +328,16 @@ class ErrorRatio:
                 self.num_blocks, y0.stride(0), y1.stride(0), stages.stride(0), stages.stride(1),
                 DT_POINTER=from_pointer, RTOL_PER_ELEMENT=self.rtol is not None,
                 ATOL_PER_ELEMENT=self.atol is not None, BLOCK=NORM_BLOCK)
-        rule_values = (1.0, 0.9, 10.0, 0.2, 0.0, float("inf")) if rule is None else (
+        rule_values = (1.0, 0.9, 10.0, 0.2, 0.0, float("inf"), 0.0, 1.0) if rule is None else (
             float(rule.order), float(rule.safety), float(rule.ifactor), float(rule.dfactor), float(rule.min_step),
-            float(rule.max_step))
+            float(rule.max_step), float(rule.pcoeff), float(rule.icoeff))
         segment_blocks = self.segment_blocks if self.num_segments else self.block_bounds
         _error_finalize_kernel[(1,)](out, self.partials, segment_blocks, self.segment_sizes, self.num_segments,
-                                     dt_value, dt_pointer, *rule_values, STATUS_OK=codes[0], STATUS_NONFINITE=codes[1],
-                                     STATUS_FAILED_NONFINITE=codes[2], DT_POINTER=from_pointer,
-                                     DECIDE=rule is not None, CHUNK=FINALIZE_CHUNK)
+                                     dt_value, dt_pointer, last_value, last_pointer, *rule_values,
+                                     STATUS_OK=codes[0], STATUS_NONFINITE=codes[1], STATUS_FAILED_NONFINITE=codes[2],
+                                     DT_POINTER=from_pointer, LAST_POINTER=last_from_pointer,
+                                     PI=rule is not None and rule.controller == "pi", DECIDE=rule is not None,
+                                     CHUNK=FINALIZE_CHUNK)
         return out
 
     def __call__(self, y0, y1, stages, dt):
@@ -339,19 +354,22 @@ class ErrorRatio:
         """The error ratio as a Python float (synchronises with the device)."""
         return float(self(y0, y1, stages, dt))
 
-    def decide(self, y0, y1, stages, dt, rule, codes):
+    def decide(self, y0, y1, stages, dt, rule, codes, last_ratio=1.0):
         """Error ratio and step decision of a trial step, on the device (no host sync).
 
         Args:
             rule: the step-size rule: attributes ``order``, ``safety``, ``ifactor``, ``dfactor``,
-                ``min_step``, ``max_step`` (e.g. ``fastcnf.ode.control.StepRule``).
+                ``min_step``, ``max_step``, ``controller`` (``"integral"`` or ``"pi"``), ``pcoeff``,
+                ``icoeff`` (e.g. ``fastcnf.ode.control.StepRule``).
             codes: the status values for (judged, rejected for NaN/Inf, failed for NaN/Inf at min_step).
+            last_ratio: the error ratio of the last accepted step, a float or a 0-dim device tensor.
 
         Returns:
-            0-dim tensors ``(accept (bool), dt_next (float64), error_ratio (float64), status (int64))``.
+            0-dim tensors ``(accept (bool), dt_next (float64), error_ratio (float64), status (int64),
+            last_ratio (float64))``, the last one for the next decision.
         """
-        out = self._launch(y0, y1, stages, dt, rule, codes)
-        return out[1] != 0, out[2], out[0], out[3].long()
+        out = self._launch(y0, y1, stages, dt, rule, codes, last_ratio)
+        return out[1] != 0, out[2], out[0], out[3].long(), out[4]
 
 
 def fused_error_ratio(y0, y1, stages, error_weights, dt, rtol, atol, norm):

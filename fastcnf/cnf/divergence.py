@@ -19,10 +19,17 @@ number of processes.
 Gradients through the estimates flow to ``z`` and to the parameters of ``func`` under plain
 autograd and under ``odeint_adjoint``.
 
-A network exposing ``mlp_spec()`` can be evaluated by the fused Triton kernel
-``fastcnf.kernels.hutchinson.hutchinson_mlp(spec, t, z, eps) -> (f, quad)`` (quad: (B,)); the
-Hutchinson estimators use it on the Triton backend (``fastcnf.ode.backend``) where the kernel's
-``supports(spec, device)`` holds, and fall back to autograd.
+Fused pass (``fused="auto"``, the default of the exact and Hutchinson estimators): a network that
+describes itself at time t as an MLP of affine layers, ``func.mlp_spec(t)`` (``fastcnf.cnf.nets.ODEnet``
+for every layer kind and activation), is evaluated in one structured forward-mode pass that gives f
+and the trace (``fastcnf.kernels.tangent_mlp``: D unit probes for the exact trace, the noise for
+Hutchinson's) with a hand-derived backward, so the vector-Jacobian products of a backward pass or an
+adjoint solve do not differentiate an autograd graph twice. On CUDA with the Triton backend
+Hutchinson's estimate runs in the fused Triton kernel ``fastcnf.kernels.hutchinson`` where its
+``supports(spec, device)`` holds (``fused_kernel``). Any other network, and ``fused=False``, takes
+the autograd path above, which stays the reference the fused pass is tested against. The fused
+pass evaluates tanh as 2 sigmoid(2x) - 1 and folds the time into the weights, so its values agree
+with the autograd path to rounding, not bit for bit.
 """
 
 import importlib
@@ -31,13 +38,16 @@ from functools import partial
 
 import torch
 
+from ..kernels import tangent_mlp
 from ..ode.backend import select_backend
 from .noise import NOISES, estimator_noise
 
 __all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
-           "ESTIMATORS", "make_estimator"]
+           "ESTIMATORS", "FUSED_CHOICES", "make_estimator", "fused_spec"]
 
 KERNEL_MODULE = "fastcnf.kernels.hutchinson"
+FUSED_CHOICES = ("auto", True, False)
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -49,9 +59,12 @@ class DivergenceEstimate:
     frobenius: torch.Tensor = None
 
 
-def _with_grad_input(z):
-    """``z`` if it is already part of a graph, else a detached copy that requires grad."""
-    return z if z.requires_grad else z.detach().requires_grad_(True)
+def _with_grad_input(z, create_graph):
+    """``z`` when the estimate joins the caller's graph and ``z`` is in it, else a detached copy that requires
+    grad. (Without a graph to join, ``z`` may be a view made under no_grad of a tensor that requires grad,
+    as in the forward solve of odeint_adjoint from inputs that require grad: such a view says it requires
+    grad but is not connected to anything, so differentiating through it would give no gradient.)"""
+    return z if create_graph and z.requires_grad else z.detach().requires_grad_(True)
 
 
 def _per_sample_sum(values):
@@ -69,6 +82,41 @@ def _vector_jacobian(f, z, vector, create_graph, retain_graph=None):
 
 def _finish(f, create_graph):
     return f if create_graph else f.detach()
+
+
+def _check_fused(fused):
+    if not any(fused is choice for choice in FUSED_CHOICES):
+        raise ValueError(f"fused must be 'auto', True or False, got {fused!r}.")
+    return fused
+
+
+def fused_spec(func, t, z):
+    """``func.mlp_spec(t)`` when the fused pass can evaluate ``func`` on ``z``, else None.
+
+    That needs a ``mlp_spec(t)`` method on ``func`` (an MLP of affine layers at time t), a (B, D)
+    float32/float64 state, and weights of the state's dtype and device.
+    """
+    describe = getattr(func, "mlp_spec", None)
+    if not callable(describe) or z.ndim != 2 or z.dtype not in _FUSED_DTYPES:
+        return None
+    spec = describe(t)
+    if spec is None or spec.time_concat != "none":
+        return None
+    if any(w.dtype != z.dtype or w.device != z.device for w in spec.weights + spec.biases):
+        return None
+    return spec
+
+
+def _required_spec(estimator, func, t, z):
+    """The fused spec of ``func`` (None when the estimator's ``fused`` is False); ``fused=True`` insists."""
+    if estimator.fused is False:
+        return None
+    spec = fused_spec(func, t, z)
+    if spec is None and estimator.fused is True:
+        raise ValueError(f"{type(estimator).__name__}(fused=True) needs a network with mlp_spec(t) (fastcnf.cnf.nets."
+                         f"ODEnet) and a (B, D) float32/float64 state of its dtype and device; got "
+                         f"{type(func).__name__} on a {z.dtype} state of shape {tuple(z.shape)}.")
+    return spec
 
 
 class _NoiseEstimator:
@@ -95,18 +143,31 @@ class _NoiseEstimator:
 
 
 class ExactDivergence:
-    """tr(df/dz) by one vector-Jacobian product per event dimension (use for D up to ~10)."""
+    """tr(df/dz) by one vector-Jacobian product per event dimension (use for D up to ~10).
+
+    Args:
+        fused: ``"auto"`` (default): the fused pass for networks with ``mlp_spec(t)`` (exact trace and
+            Frobenius norm from D forward-mode tangents), the autograd path otherwise; ``True``: the
+            fused pass or an error; ``False``: always the autograd path.
+    """
 
     stochastic = False
     name = "exact"
+
+    def __init__(self, fused="auto"):
+        self.fused = _check_fused(fused)
 
     def resample(self, z):
         """Nothing to draw; present so every estimator can be driven the same way."""
 
     def __call__(self, func, t, z, frobenius=False):
+        spec = _required_spec(self, func, t, z)
+        if spec is not None:
+            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z, None,
+                                                               frobenius))
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            z_in = _with_grad_input(z)
+            z_in = _with_grad_input(z, create_graph)
             f = func(t, z_in)
             flat_f = f.reshape(f.shape[0], -1)
             size = flat_f.shape[1]
@@ -127,48 +188,51 @@ class HutchinsonDivergence(_NoiseEstimator):
 
     Args:
         noise: ``"gaussian"`` or ``"rademacher"``.
-        fused_kernel: use ``fastcnf.kernels.hutchinson`` for nets with ``mlp_spec()``: ``None``
-            (default) on CUDA tensors only, ``True`` wherever the kernel supports the device,
-            ``False`` never. The kernel is skipped when a Frobenius estimate is needed.
+        fused: ``"auto"`` (default): the fused pass for networks with ``mlp_spec(t)``, the autograd
+            path otherwise; ``True``: the fused pass or an error; ``False``: always the autograd
+            path. A Frobenius estimate always takes the autograd path (the fused pass would give
+            |(df/dz) eps|^2, a different estimator of the same norm).
+        fused_kernel: where the fused pass runs in the Triton kernel ``fastcnf.kernels.hutchinson``:
+            ``None`` (default) on CUDA tensors only, ``True`` wherever the kernel supports the
+            device, ``False`` never (the torch pass ``fastcnf.kernels.tangent_mlp`` runs instead).
     """
 
-    def __init__(self, noise="gaussian", fused_kernel=None):
+    def __init__(self, noise="gaussian", fused="auto", fused_kernel=None):
         super().__init__(noise)
         if fused_kernel not in (None, True, False):
             raise ValueError(f"fused_kernel must be None, True or False, got {fused_kernel!r}.")
+        self.fused = _check_fused(fused)
         self.fused_kernel = fused_kernel
         self.name = f"hutchinson-{noise}"
 
     def __call__(self, func, t, z, frobenius=False):
         eps = self._current_noise(z)
-        fused = None if frobenius else self._fused(func, z)
-        if fused is not None:
-            kernel, spec = fused
-            f, quad = kernel.hutchinson_mlp(spec, t, z, eps)
-            return DivergenceEstimate(f, quad)
+        spec = None if frobenius else _required_spec(self, func, t, z)
+        if spec is not None:
+            kernel = self._kernel(spec, z)
+            if kernel is not None:
+                return DivergenceEstimate(*kernel.hutchinson_mlp(spec, 0.0, z, eps))
+            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z,
+                                                               eps[None]))
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            z_in = _with_grad_input(z)
+            z_in = _with_grad_input(z, create_graph)
             f = func(t, z_in)
             eps_jac = _vector_jacobian(f, z_in, eps, create_graph)
         divergence = _per_sample_sum(eps_jac * eps)
         squares = _per_sample_sum(eps_jac.pow(2)) if frobenius else None
         return DivergenceEstimate(_finish(f, create_graph), divergence, squares)
 
-    def _fused(self, func, z):
-        """(kernel module, spec) when the fused kernel can evaluate ``func`` on ``z``, else None."""
+    def _kernel(self, spec, z):
+        """The Triton kernel module when it should evaluate ``spec`` on ``z``, else None."""
         if self.fused_kernel is False or (self.fused_kernel is None and z.device.type != "cuda"):
-            return None
-        describe = getattr(func, "mlp_spec", None)
-        spec = describe() if callable(describe) else None
-        if spec is None or z.ndim != 2:
             return None
         if select_backend(z.device) != "triton":
             return None
         kernel = load_kernel()
         if kernel is None or not kernel.supports(spec, z.device):
             return None
-        return kernel, spec
+        return kernel
 
 
 def load_kernel():

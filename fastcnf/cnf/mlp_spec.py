@@ -1,8 +1,9 @@
 """Description of a time-dependent MLP that fused kernels can evaluate directly.
 
-A network that can describe itself this way (``fastcnf.cnf.nets`` networks expose ``mlp_spec()``)
-lets the divergence estimators use the fused Hutchinson kernel of ``fastcnf.kernels`` instead
-of an autograd vector-Jacobian product per evaluation.
+A network that can describe itself this way at a time t (``fastcnf.cnf.nets.ODEnet.mlp_spec(t)``,
+an MLP of affine layers with ``time_concat="none"``) lets the divergence estimators use the fused
+divergence pass of ``fastcnf.kernels`` (``tangent_mlp``, or the Triton Hutchinson kernel) instead
+of autograd vector-Jacobian products per evaluation.
 
     h_0 = z                                            (B, D)
     h_k = act(W_k [t, h_{k-1}] + b_k)   k < L          time column first, when concatenated

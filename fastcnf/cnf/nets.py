@@ -6,24 +6,39 @@ Every layer takes ``(t, x)``: ``t`` a 0-dim time tensor, ``x`` of shape (B, in).
     concatsquash   (W x + b) * sigmoid(a t + c) + d t          (time gates and shifts)
     ignore         W x + b                                     (autonomous)
 
-``ODEnet`` stacks them with an activation between layers and none after the last. A net made
-only of concat/ignore layers describes itself as a ``fastcnf.cnf.mlp_spec.MLPSpec`` (``mlp_spec()``),
-which lets the divergence estimators use the fused Hutchinson kernel.
+``ODEnet`` stacks them with an activation between layers and none after the last. At a fixed time t
+every layer is an affine map of x (``affine(t)``):
+
+    concat         W[:, 1:] x + (b + W[:, 0] t)
+    concatsquash   diag(g) W x + (g b + d t),   g = sigmoid(a t + c)
+    ignore         W x + b
+
+so at time t the whole net is a plain MLP of (W_eff, b_eff) layers, O(width^2) work per layer.
+``ODEnet.mlp_spec(t)`` describes it as a ``fastcnf.cnf.mlp_spec.MLPSpec``, which lets the divergence
+estimators evaluate f and the trace of df/dz in one structured pass (``fastcnf.kernels.tangent_mlp``,
+or the Triton kernel on CUDA); gradients of (W_eff, b_eff) reach the parameters and t through
+autograd (a concatsquash fold is one graph node with a hand-derived backward, ``SquashFold``).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..ode.validation import require_choice, require_positive_int
 from .mlp_spec import MLPSpec
 
-__all__ = ["ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "ODEnet", "LAYERS", "ACTIVATIONS"]
+__all__ = ["ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "ODEnet", "SquashFold", "LAYERS", "ACTIVATIONS"]
 
 
 def _time_column(t, x):
     """``t`` broadcast to a (B, 1) column in the dtype and device of ``x``."""
     return torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1).expand(x.shape[0], 1)
+
+
+def _time_scalar(t, like):
+    """``t`` as a (1,) tensor in the dtype and device of ``like`` (differentiable when t requires grad)."""
+    return torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(1)
 
 
 class ConcatLinear(nn.Module):
@@ -35,6 +50,11 @@ class ConcatLinear(nn.Module):
 
     def forward(self, t, x):
         return self.linear(torch.cat([_time_column(t, x), x], dim=1))
+
+    def affine(self, t):
+        """(W, b) of the map x -> W x + b this layer is at time t."""
+        weight = self.linear.weight
+        return weight[:, 1:], torch.addcmul(self.linear.bias, weight[:, 0], _time_scalar(t, weight))
 
 
 class ConcatSquashLinear(nn.Module):
@@ -50,6 +70,72 @@ class ConcatSquashLinear(nn.Module):
         time = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1)
         return self.linear(x) * torch.sigmoid(self.gate(time)) + self.shift(time)
 
+    def fold_parameters(self):
+        """The parameters the fold reads: W, b, a, c, d."""
+        return self.linear.weight, self.linear.bias, self.gate.weight, self.gate.bias, self.shift.weight
+
+    def affine(self, t):
+        """(W, b) of the map x -> W x + b this layer is at time t (one ``SquashFold`` node under autograd)."""
+        return fold_squash_layers(_time_scalar(t, self.linear.weight), [self])[0]
+
+
+def fold_squash_layers(time, layers):
+    """[(W_eff, b_eff)] of concatsquash ``layers`` at the (1,) tensor ``time``; one graph node under autograd."""
+    params = [param for layer in layers for param in layer.fold_parameters()]
+    if torch.is_grad_enabled() and (time.requires_grad or any(param.requires_grad for param in params)):
+        folded = SquashFold.apply(time, *params)
+    else:
+        folded = _fold_packed(time, params)[0]
+    return list(zip(folded[:len(layers)], folded[len(layers):]))
+
+
+def _fold_packed(time, params):
+    """(diag(g) W, g b + d t) with g = sigmoid(a t + c) for every layer (five parameters each), the per-output
+    vectors of all layers concatenated so that their arithmetic runs once.
+
+    Returns ((W_eff..., b_eff...), what the backward needs).
+    """
+    weights = params[0::5]
+    sizes = [weight.shape[0] for weight in weights]
+    bias, gate_weight, gate_bias, shift = (torch.cat([param.reshape(-1) for param in params[k::5]]) for k in range(1, 5))
+    gate = torch.sigmoid(torch.addcmul(gate_bias, gate_weight, time))
+    bias_eff = torch.addcmul(bias * gate, shift, time)
+    gates = gate.split(sizes)
+    folded = (*(weight * g[:, None] for weight, g in zip(weights, gates)), *bias_eff.split(sizes))
+    return folded, (weights, bias, gate_weight, shift, gate, sizes)
+
+
+class SquashFold(torch.autograd.Function):
+    """The concatsquash fold of several layers as one graph node: ``apply(time, *five parameters per layer)``
+    -> (W_eff of every layer, then b_eff of every layer), with gradients for every parameter and t."""
+
+    @staticmethod
+    def forward(ctx, time, *params):
+        folded, (weights, bias, gate_weight, shift, gate, sizes) = _fold_packed(time, params)
+        ctx.sizes = sizes
+        ctx.save_for_backward(time, bias, gate_weight, shift, gate, *weights)
+        return folded
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        time, bias, gate_weight, shift, gate, *weights = ctx.saved_tensors
+        count, sizes = len(weights), ctx.sizes
+        grad_weights_eff, grad_bias_eff = grads[:count], torch.cat(grads[count:])
+        gates = gate.split(sizes)
+        grad_gate = torch.cat([(g * w).sum(dim=1) for g, w in zip(grad_weights_eff, weights)])
+        grad_pre = grad_gate.addcmul_(grad_bias_eff, bias).mul_(gate * (1 - gate))  # through the sigmoid
+        grad_time = (grad_pre.dot(gate_weight) + grad_bias_eff.dot(shift)).reshape(1)
+        grad_bias = (grad_bias_eff * gate).split(sizes)
+        grad_gate_weight = (grad_pre * time).split(sizes)
+        grad_shift = (grad_bias_eff * time).split(sizes)
+        grad_gate_bias = grad_pre.split(sizes)
+        grad_params = []
+        for layer, (grad_weight_eff, g) in enumerate(zip(grad_weights_eff, gates)):
+            grad_params += [grad_weight_eff * g[:, None], grad_bias[layer], grad_gate_weight[layer][:, None],
+                            grad_gate_bias[layer], grad_shift[layer][:, None]]
+        return (grad_time, *grad_params)
+
 
 class IgnoreLinear(nn.Module):
     """W x + b, ignoring the time."""
@@ -60,6 +146,10 @@ class IgnoreLinear(nn.Module):
 
     def forward(self, t, x):
         return self.linear(x)
+
+    def affine(self, t):
+        """(W, b) of the map x -> W x + b (the same at every time)."""
+        return self.linear.weight, self.linear.bias
 
 
 LAYERS = {"concat": ConcatLinear, "concatsquash": ConcatSquashLinear, "ignore": IgnoreLinear}
@@ -108,24 +198,20 @@ class ODEnet(nn.Module):
                 h = act(h)
         return h
 
-    def time_concat(self):
-        """``MLPSpec.time_concat`` of this net, or None when it is not a plain concat/ignore MLP."""
-        if all(kind == "concat" for kind in self.kinds):
-            return "all"
-        if all(kind == "ignore" for kind in self.kinds):
-            return "none"
-        if self.kinds[0] == "concat" and all(kind == "ignore" for kind in self.kinds[1:]):
-            return "first"
-        return None
+    def mlp_spec(self, t):
+        """The net at time ``t`` (float or tensor) as an ``MLPSpec`` of affine layers (no time columns).
 
-    def mlp_spec(self):
-        """``MLPSpec`` sharing this net's parameters, or None for concatsquash layers."""
-        time_concat = self.time_concat()
-        if time_concat is None:
-            return None
-        weights = tuple(layer.linear.weight for layer in self.layers)
-        biases = tuple(layer.linear.bias for layer in self.layers)
-        return MLPSpec(weights, biases, self.activation, time_concat)
+        The effective weights and biases are computed from the parameters under autograd (all
+        concatsquash layers in one ``SquashFold`` node), so gradients through them reach the
+        parameters and ``t``.
+        """
+        time = _time_scalar(t, self.layers[0].linear.weight)
+        squash = [layer for layer in self.layers if isinstance(layer, ConcatSquashLinear)]
+        folded = iter(fold_squash_layers(time, squash) if squash else ())
+        layers = [next(folded) if isinstance(layer, ConcatSquashLinear) else layer.affine(time)
+                  for layer in self.layers]
+        return MLPSpec(tuple(weight for weight, _ in layers), tuple(bias for _, bias in layers), self.activation,
+                       "none")
 
     def extra_repr(self):
         return f"dim={self.dim}, layers={'/'.join(self.kinds)}, activation={self.activation}"

@@ -177,11 +177,18 @@ class _SeparateStages:
         return out
 
 
+def _native_rule(rule):
+    """The C++ twin of a ``fastcnf.ode.control.StepRule``."""
+    return _C.StepRule(order=float(rule.order), safety=float(rule.safety), ifactor=float(rule.ifactor),
+                       dfactor=float(rule.dfactor), min_step=float(rule.min_step), max_step=float(rule.max_step),
+                       pi=bool(rule.pi), pcoeff=float(rule.pcoeff), icoeff=float(rule.icoeff))
+
+
 class CppStepController:
     """The C++ scaled error ratio fused with the accept/reject rule (twin of the Python reference).
 
-    ``step(y0, y1, stages, dt)`` -> ``(accept, dt_next, error_ratio, status)`` with ``status`` an
-    int of ``native_status_codes()``.
+    ``step(y0, y1, stages, dt, last_ratio)`` -> ``(accept, dt_next, error_ratio, status, last_ratio)`` with
+    ``status`` an int of ``native_status_codes()``.
     """
 
     def __init__(self, error_weights, rtol, atol, norm, rule, dtype, numel):
@@ -189,11 +196,11 @@ class CppStepController:
         self.dtype, self.numel, self.rows = dtype, int(numel), len(error_weights)
         self._cpp = _C.StepController(
             error_weights=list(error_weights), rtol=float(rtol), atol=float(atol), segment_ends=list(norm.ends),
-            segment_skip=list(norm.skip), order=rule.order, safety=rule.safety, ifactor=rule.ifactor,
-            dfactor=rule.dfactor, min_step=rule.min_step, max_step=rule.max_step, is_double=dtype == torch.float64)
+            segment_skip=list(norm.skip), rule=_native_rule(rule), is_double=dtype == torch.float64)
 
-    def step(self, y0, y1, stages, dt):
-        """``(accept, dt_next, error_ratio, status)`` of the trial step y0 -> y1 with (S, N) ``stages``."""
+    def step(self, y0, y1, stages, dt, last_ratio=1.0):
+        """``(accept, dt_next, error_ratio, status, last_ratio)`` of the trial step y0 -> y1 with (S, N)
+        ``stages``; ``last_ratio`` in is the error ratio of the last accepted step."""
         n, dtype = self.numel, self.dtype
         # the checks of _pointer/_stage_rows, inlined: this runs once per trial step
         if not (y0.dtype is dtype and y1.dtype is dtype and stages.dtype is dtype and y0.is_cpu and y1.is_cpu
@@ -202,10 +209,9 @@ class CppStepController:
                 and stages.shape[0] >= self.rows):
             _pointer(y0, dtype, n, "y0"), _pointer(y1, dtype, n, "y1")  # one of these raises, naming the tensor,
             _stage_rows(stages, dtype, self.rows, n, "stages")            # or this one
-        return self._cpp.step(y0.data_ptr(), y1.data_ptr(), stages.data_ptr(), n, dt)
+        return self._cpp.step(y0.data_ptr(), y1.data_ptr(), stages.data_ptr(), n, dt, last_ratio)
 
 
-def cpp_propose_step(error_ratio, dt, rule):
-    """The C++ accept/reject rule alone (no tensors cross): ``(accept, dt_next, status)``."""
-    return _C.propose_step(error_ratio, dt, rule.order, rule.safety, rule.ifactor, rule.dfactor, rule.min_step,
-                           rule.max_step)
+def cpp_propose_step(error_ratio, dt, rule, last_ratio=1.0):
+    """The C++ accept/reject rule alone (no tensors cross): ``(accept, dt_next, status, last_ratio)``."""
+    return _C.propose_step(float(error_ratio), float(dt), _native_rule(rule), float(last_ratio))

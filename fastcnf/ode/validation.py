@@ -22,6 +22,7 @@ from ..errors import (
     InvalidToleranceError,
     NonFiniteStateError,
 )
+from .control.interface import CONTROLLERS
 
 __all__ = ["is_real_number", "require_positive", "require_non_negative", "require_positive_int", "require_choice",
            "require_bool", "require_fraction", "check_state", "check_finite_state", "check_time", "check_option_values",
@@ -201,6 +202,10 @@ def _dtype(name, value):
         raise InvalidOptionError(f"option {name!r} must be a floating torch.dtype, got {value!r}.")
 
 
+def _controller(name, value):
+    require_choice(f"option {name!r}", value, CONTROLLERS, InvalidOptionError)
+
+
 def _stiffness(name, value):
     from .explicit.stiffness import STIFFNESS_CHOICES
 
@@ -230,6 +235,9 @@ _OPTION_CHECKS = {
     "dtype": _dtype,
     "check_every": _positive_integer,
     "device_loop": _optional_bool,
+    "controller": _controller,
+    "pcoeff": _non_negative_number,
+    "icoeff": _positive_number,
     "stiffness": _stiffness,
 }
 

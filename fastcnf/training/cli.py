@@ -40,6 +40,7 @@ def _add_train_parser(commands):
     from ..cnf.nets import ACTIVATIONS, LAYERS
     from ..cnf.toflow import REGULARIZERS as TIME_REGULARIZERS
     from ..cnf.toflow import SCHEDULES as TIME_SCHEDULES
+    from ..ode.control import CONTROLLERS
     from ..ode.registry import METHODS as SOLVERS
     from .config import DIVERGENCE_CHOICES
     from .data import DATASET_NAMES
@@ -70,6 +71,9 @@ def _add_train_parser(commands):
     group.add_argument("--test-atol", dest="test_atol", type=float, help="evaluation atol (default: --atol)")
     group.add_argument("--no-adjoint", dest="adjoint", action="store_false", help="backpropagate through the solver")
     group.add_argument("--seminorm", action="store_true", help="adjoint error control without parameter adjoints")
+    group.add_argument("--controller", choices=CONTROLLERS,
+                       help="step-size controller of the forward training solve (integral: torchdiffeq's; "
+                            "pi: PI control; adjoint solves and evaluation keep integral)")
     group.add_argument("--divergence", choices=DIVERGENCE_CHOICES,
                        help="divergence estimator (auto: exact for 2-D, else hutchinson-gaussian)")
     group.add_argument("--test-divergence", dest="test_divergence", choices=DIVERGENCE_CHOICES,

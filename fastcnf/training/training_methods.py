@@ -27,6 +27,7 @@ from ..cnf.flow import CNF, SequentialFlow, SolverSettings
 from ..cnf.nets import ODEnet
 from ..cnf.regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
 from ..cnf.toflow import CoordinateDescent, TerminalTime, terminal_times, time_optimizer
+from ..ode.registry import METHODS
 from .sharding import sharded_sampler
 
 __all__ = ["TrainingMethod", "OptimizerStep", "FFJORD", "RNODE", "TPR", "TOFLOW", "build_flow", "resolve_divergence"]
@@ -46,6 +47,12 @@ def _solver_settings(config, test):
     atol = (config.test_atol or config.atol) if test else config.atol
     options = {"step_size": config.step_size} if config.step_size is not None else {}
     adjoint_options = {"norm": "seminorm"} if config.seminorm else None
+    if not test and config.controller != "integral" and METHODS[method].adaptive:
+        # The forward training solve only: the adjoint solve and evaluation keep torchdiffeq's controller
+        # (with PI control the adjoint, whose error norm includes the growing parameter adjoints, takes
+        # more steps than it saves; bench/bench_training_step.py).
+        options["controller"] = config.controller
+        adjoint_options = adjoint_options or {}
     return SolverSettings(method, rtol, atol, options, config.adjoint, adjoint_options)
 
 

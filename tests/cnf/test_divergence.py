@@ -34,9 +34,10 @@ def _point_cloud(num, seed=0):
     return torch.randn(num, DIM, generator=generator, dtype=torch.float64)
 
 
-def test_exact_divergence_and_frobenius_match_the_jacobian():
+@pytest.mark.parametrize("fused", ["auto", False])
+def test_exact_divergence_and_frobenius_match_the_jacobian(fused):
     net, t, z = _net(), torch.tensor(0.4, dtype=torch.float64), _point_cloud(6)
-    estimate = ExactDivergence()(net, t, z, frobenius=True)
+    estimate = ExactDivergence(fused)(net, t, z, frobenius=True)
     jacobians = _jacobians(net, t, z)
     torch.testing.assert_close(estimate.divergence, jacobians.diagonal(dim1=1, dim2=2).sum(1))
     torch.testing.assert_close(estimate.frobenius, jacobians.pow(2).sum((1, 2)))
@@ -88,11 +89,12 @@ def test_estimators_without_noise_for_the_state_fail_clearly():
         estimator(_net(), 0.0, z)
 
 
+@pytest.mark.parametrize("fused", ["auto", False])
 @pytest.mark.parametrize("name", ["exact", "hutchinson-gaussian"])
-def test_divergence_is_differentiable_in_the_state(name):
+def test_divergence_is_differentiable_in_the_state(name, fused):
     net, t = _net(), torch.tensor(0.2, dtype=torch.float64)
     z = _point_cloud(3).requires_grad_(True)
-    estimator = make_estimator(name)
+    estimator = make_estimator(name, fused=fused)
     estimator.resample(z)
     assert torch.autograd.gradcheck(lambda x: estimator(net, t, x, frobenius=True).divergence, (z,))
     assert torch.autograd.gradcheck(lambda x: estimator(net, t, x, frobenius=True).frobenius, (z,))
@@ -152,8 +154,10 @@ def test_fused_kernel_is_used_by_name_when_it_supports_the_net(monkeypatch):
     auto = HutchinsonDivergence()  # default: CUDA only, so not on these CPU tensors
     auto.noise = fused.noise
     auto(net, t, z)
-    fused(_net("concatsquash"), t, z)  # no MLPSpec
+    fused(lambda t, x: net(t, x), t, z)  # no mlp_spec: autograd
     assert len(calls) == 1
+    fused(_net("concatsquash"), t, z)  # every ODEnet describes itself as affine layers
+    assert len(calls) == 2 and calls[1].time_concat == "none"
 
 
 def test_fused_kernel_falls_back_when_unsupported(monkeypatch):
@@ -175,3 +179,20 @@ def test_unknown_names_and_options_are_rejected():
         FiniteDifferenceDivergence(step=0.0)
     with pytest.raises(ValueError, match="fused_kernel"):
         HutchinsonDivergence(fused_kernel="yes")
+    with pytest.raises(ValueError, match="fused must be 'auto', True or False"):
+        ExactDivergence(fused="yes")
+
+
+@pytest.mark.parametrize("name", ["exact", "hutchinson-gaussian"])
+def test_adjoint_forward_from_an_input_that_requires_grad(name):
+    """Regression: the autograd path once differentiated a view made under no_grad (the adjoint's forward
+    solve of a state that requires grad), got zeros for the divergence and a wrong solve."""
+    from fastcnf.cnf import CNF, SolverSettings
+
+    values = []
+    for requires_grad in (False, True):
+        torch.manual_seed(4)
+        cnf = CNF(_net(), 0.5, make_estimator(name, fused=False), train_solver=SolverSettings("dopri5", 1e-8, 1e-8))
+        x = _point_cloud(8).requires_grad_(requires_grad)
+        values.append(cnf.log_prob(x).detach())
+    torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=1e-12)

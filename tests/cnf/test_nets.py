@@ -42,23 +42,42 @@ def test_odenet_applies_activation_between_layers_only():
     torch.testing.assert_close(net(t, x), c(F.softplus(b(F.softplus(a(x))))))
 
 
-@pytest.mark.parametrize("layers, time_concat", [("concat", "all"), ("ignore", "none"),
-                                                 (("concat", "ignore", "ignore"), "first")])
+LAYER_KINDS = ["concat", "concatsquash", "ignore", ("concatsquash", "concat", "ignore")]
+
+
+@pytest.mark.parametrize("layers", LAYER_KINDS)
 @pytest.mark.parametrize("activation", ["tanh", "softplus", "swish", "elu"])
-def test_mlp_spec_evaluates_like_the_net(layers, time_concat, activation):
-    t, x = _inputs()
+def test_mlp_spec_evaluates_like_the_net(layers, activation):
+    """At every time the net equals the MLP of its layers' affine maps (W_eff, b_eff)."""
+    _, x = _inputs()
     net = ODEnet(3, (8, 6), layers, activation).double()
-    spec = net.mlp_spec()
-    assert spec.time_concat == time_concat
-    torch.testing.assert_close(mlp_forward(spec, t, x), net(t, x))
+    for time in (0.0, 0.7, -1.3):
+        spec = net.mlp_spec(torch.tensor(time, dtype=torch.float64))
+        assert spec.time_concat == "none" and spec.activation == activation
+        torch.testing.assert_close(mlp_forward(spec, None, x), net(torch.tensor(time, dtype=torch.float64), x))
 
 
-def test_mlp_spec_shares_parameters_and_is_none_for_concatsquash():
-    net = ODEnet(2, (4,), "concat", "tanh")
-    spec = net.mlp_spec()
-    assert spec.weights[0] is net.layers[0].linear.weight
-    assert ODEnet(2, (4,), "concatsquash", "tanh").mlp_spec() is None
-    assert ODEnet(2, (4,), ("ignore", "concat"), "tanh").mlp_spec() is None
+@pytest.mark.parametrize("layers", LAYER_KINDS)
+def test_mlp_spec_gradients_reach_the_parameters_and_time(layers):
+    """Gradients through the effective weights equal those through the net itself (parameters and t)."""
+    _, x = _inputs()
+    net = ODEnet(3, (5, 4), layers, "tanh").double()
+    grads = []
+    for evaluate in (lambda t: net(t, x), lambda t: mlp_forward(net.mlp_spec(t), None, x)):
+        t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+        grads.append(torch.autograd.grad(evaluate(t).pow(2).sum(), [t, *net.parameters()], allow_unused=True))
+    for got, expected in zip(*grads):
+        if expected is None:  # an ignore-only net does not depend on t
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected)
+
+
+def test_mlp_spec_of_a_float32_net_takes_a_float64_time():
+    net = ODEnet(2, (4,), "concatsquash", "tanh")
+    spec = net.mlp_spec(torch.tensor(0.3, dtype=torch.float64))
+    assert all(w.dtype == torch.float32 for w in spec.weights + spec.biases)
+    assert spec.weights[0].shape == (4, 2) and spec.weights[1].shape == (2, 4)
 
 
 def test_float64_time_with_float32_state():

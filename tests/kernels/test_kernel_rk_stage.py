@@ -206,14 +206,18 @@ def test_step_decision_on_the_device_equals_the_reference_rule(device):
     stages = torch.zeros(2, 1, dtype=torch.float64, device=device)
     kernel = rk_stage.ErrorRatio((1.0, -1.0), SegmentNorm.single(1), 1, 0.0, 1.0, device)
     rules = [StepRule(order=5.0), StepRule(order=3.0, safety=0.8, ifactor=5.0, dfactor=0.1, min_step=0.01,
-                                          max_step=0.4)]
+                                          max_step=0.4),
+             StepRule(order=5.0, controller="pi"), StepRule(order=4.0, controller="pi", pcoeff=0.2, icoeff=0.5,
+                                                            min_step=0.01)]
     ratios = [0.0, 1e-300, 0.3, 0.99, 1.0, 1.0 + 1e-9, 2.5, 1e6, math.nan, math.inf]
     for rule in rules:
         for ratio in ratios:
-            for dt in (0.01, 0.1, 0.5):
+            for dt, last_ratio in ((0.01, 1.0), (0.1, 0.02), (0.5, 0.7)):
                 stages[0, 0] = ratio / dt if math.isfinite(ratio) else ratio  # error = dt * (k0 - k1), atol = 1
-                accept, dt_next, got_ratio, status = kernel.decide(y0, y0, stages, torch.tensor(
-                    dt, dtype=torch.float64, device=device), rule, codes)
-                expected = propose_step(float(got_ratio), dt, rule)
+                last = torch.tensor(last_ratio, dtype=torch.float64, device=device) if dt == 0.1 else last_ratio
+                accept, dt_next, got_ratio, status, got_last = kernel.decide(y0, y0, stages, torch.tensor(
+                    dt, dtype=torch.float64, device=device), rule, codes, last)
+                expected = propose_step(float(got_ratio), dt, rule, last_ratio)
                 assert (bool(accept), int(status)) == (expected[0], int(expected[2])), (rule, ratio, dt)
                 assert float(dt_next) == pytest.approx(expected[1], rel=1e-13), (rule, ratio, dt)
+                assert float(got_last) == pytest.approx(expected[3], rel=1e-15), (rule, ratio, dt)

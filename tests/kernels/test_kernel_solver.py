@@ -146,3 +146,19 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastcnf.odeint(func, y0, t, method="dopri5")
+
+
+@pytest.mark.parametrize("device_loop", [False, True])
+def test_pi_controller_decides_like_the_reference(device, monkeypatch, kernel_calls, device_loop):
+    """options=dict(controller="pi"): the Triton decision (carrying the last accepted error ratio on the
+    device in the device loop) takes the torch reference's steps."""
+    func, y0, t = _problem(torch.float64, device)
+    kwargs = dict(method="dopri5", rtol=1e-7, atol=1e-9, options=dict(controller="pi", pcoeff=0.3, icoeff=0.4))
+    expected, expected_stats = _solve(monkeypatch, "torch", func, y0, t, **kwargs)
+    integral, integral_stats = _solve(monkeypatch, "torch", func, y0, t, method="dopri5", rtol=1e-7, atol=1e-9)
+    assert integral_stats != expected_stats  # the PI rule takes other steps
+    with torch.no_grad():
+        solution, stats = _solve(monkeypatch, "triton", func, y0, t, **dict(
+            kwargs, options=dict(kwargs["options"], device_loop=device_loop)))
+    assert stats == expected_stats and kernel_calls["ratio"] >= stats[1] + stats[2]
+    torch.testing.assert_close(solution, expected, **TOL[torch.float64])

@@ -92,6 +92,19 @@ def test_adaptive_solutions_agree_across_backends(monkeypatch, method, state, dt
 
 
 @needs_ext
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_pi_controller_takes_the_same_steps_on_every_backend(monkeypatch, method):
+    """options=dict(controller="pi"): the C++ rule (carrying the last accepted error ratio through the
+    loop) takes the reference's steps, and they differ from the integral controller's."""
+    options = dict(controller="pi")
+    reference, reference_calls = solve_with_backend(monkeypatch, "torch", method, F64, options)
+    fused, fused_calls = solve_with_backend(monkeypatch, "cpp", method, F64, options)
+    _, integral_calls = solve_with_backend(monkeypatch, "cpp", method, F64)
+    assert fused_calls == reference_calls != integral_calls
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-10)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("method, options", FIXED, ids=[case[0] for case in FIXED])
 def test_fixed_grid_solutions_agree_across_backends(monkeypatch, method, options, dtype):

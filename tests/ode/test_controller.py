@@ -108,27 +108,32 @@ def test_non_finite_inputs(where, bad, dtype, sizes, skip):
 
 
 def random_decisions(count, seed):
+    """(ratio, dt, last_ratio, StepRule) with integral and PI rules, ratios around 1, 0, NaN and Inf."""
     rng = random.Random(seed)
     special_ratios = [0.0, 1.0, 1.0 - 1e-12, 1.0 + 1e-12, math.nan, math.inf, 1e-300, 1e300]
     for i in range(count):
-        ratio = special_ratios[i] if i < len(special_ratios) else 10 ** rng.uniform(-8, 4)
+        ratio = special_ratios[i % 16] if i % 16 < len(special_ratios) else 10 ** rng.uniform(-8, 4)
         if i % 7 == 3:
             ratio = rng.uniform(0.5, 1.5)
         dt = 10 ** rng.uniform(-6, 1)
         min_step = 0.0 if rng.random() < 0.5 else dt * rng.choice([0.1, 1.0, 2.0])
         max_step = math.inf if rng.random() < 0.5 else dt * rng.choice([0.5, 1.0, 10.0])
         min_step = min(min_step, max_step)
-        yield (ratio, dt, float(rng.choice([1, 2, 3, 4, 5, 8])), rng.uniform(0.5, 1.0), rng.uniform(1.0, 20.0),
-               rng.uniform(0.01, 1.0), min_step, max_step)
+        pi = dict(controller="pi", pcoeff=rng.choice([0.0, 0.2, 0.4]), icoeff=rng.choice([0.3, 0.5, 1.0])) \
+            if i % 2 else {}
+        rule = StepRule(float(rng.choice([1, 2, 3, 4, 5, 8])), rng.uniform(0.5, 1.0), rng.uniform(1.0, 20.0),
+                        rng.uniform(0.01, 1.0), min_step, max_step, **pi)
+        yield ratio, dt, 10 ** rng.uniform(-6, 0), rule
 
 
 def test_propose_step_matches_python():
-    for ratio, dt, *settings in random_decisions(5000, seed=0):
-        rule = StepRule(*settings)
-        ours, reference = native.cpp_propose_step(ratio, dt, rule), controller.propose_step(ratio, dt, rule)
+    for ratio, dt, last_ratio, rule in random_decisions(5000, seed=0):
+        ours = native.cpp_propose_step(ratio, dt, rule, last_ratio)
+        reference = controller.propose_step(ratio, dt, rule, last_ratio)
         assert ours[0] == reference[0], (ratio, dt, rule)
         assert ours[2] == reference[2], (ratio, dt, rule)
         assert ours[1] == pytest.approx(reference[1], rel=1e-14), (ratio, dt, rule)
+        assert ours[3] == reference[3] or (math.isnan(ours[3]) and math.isnan(reference[3])), (ratio, dt, rule)
 
 
 def test_one_status_vocabulary():
@@ -144,50 +149,94 @@ def test_propose_step_rules():
     at_min = StepRule(order=5.0, min_step=0.1)
     capped = StepRule(order=5.0, max_step=0.05)
     for propose in (controller.propose_step, native.cpp_propose_step):
-        accept, dt_next, status = propose(0.0, 0.1, rule)
+        accept, dt_next, status, _ = propose(0.0, 0.1, rule)
         assert (accept, dt_next, status) == (True, pytest.approx(1.0), Status.OK)
-        accept, dt_next, _ = propose(0.5, 0.1, rule)
+        accept, dt_next, _, _ = propose(0.5, 0.1, rule)
         assert accept and dt_next == pytest.approx(0.1 * 0.9 / 0.5 ** 0.2)
-        accept, dt_next, _ = propose(0.99, 0.1, rule)
+        accept, dt_next, _, _ = propose(0.99, 0.1, rule)
         assert accept and dt_next == pytest.approx(0.1)  # shrink floor is 1 when accepted
-        accept, dt_next, _ = propose(1e6, 0.1, rule)
+        accept, dt_next, _, _ = propose(1e6, 0.1, rule)
         assert not accept and dt_next == pytest.approx(0.1 * rule.dfactor)
-        accept, dt_next, status = propose(math.nan, 0.1, rule)
+        accept, dt_next, status, _ = propose(math.nan, 0.1, rule)
         assert (accept, status) == (False, Status.NONFINITE) and dt_next == pytest.approx(0.02)
-        accept, _, status = propose(math.nan, 0.1, at_min)
+        accept, _, status, _ = propose(math.nan, 0.1, at_min)
         assert not accept and status == Status.FAILED_NONFINITE
         assert propose(5.0, 0.1, at_min)[0]
         assert not propose(0.5, 0.1, capped)[0]
         assert propose(0.5, 0.1, capped)[1] == 0.05
 
 
+def test_pi_rule():
+    """factor = safety * r^(-(icoeff + pcoeff)/order) * r_last^(pcoeff/order), clamped like the integral rule;
+    accepted steps pass their ratio on (1 for r = 0), rejected ones keep the last accepted ratio; with
+    pcoeff = 0 and icoeff = 1 it is the integral rule."""
+    pi = StepRule(order=5.0, controller="pi", pcoeff=0.4, icoeff=0.3)
+    for propose in (controller.propose_step, native.cpp_propose_step):
+        accept, dt_next, status, last = propose(0.1, 0.1, pi, 0.25)
+        assert accept and status == Status.OK and last == 0.1
+        assert dt_next == pytest.approx(0.1 * 0.9 * 0.1 ** (-0.7 / 5) * 0.25 ** (0.4 / 5), rel=1e-15) != 0.1
+        accept, dt_next, _, last = propose(0.5, 0.1, pi, 0.001)
+        assert accept and last == 0.5 and dt_next == pytest.approx(0.1)  # the P part would shrink: floor 1
+        accept, dt_next, _, last = propose(4.0, 0.1, pi, 0.25)
+        assert not accept and last == 0.25
+        assert dt_next == pytest.approx(0.1 * 0.9 * 4.0 ** (-0.7 / 5) * 0.25 ** (0.4 / 5), rel=1e-15)
+        assert propose(0.0, 0.1, pi, 0.25)[1:] == (pytest.approx(1.0), Status.OK, 1.0)
+        assert propose(math.nan, 0.1, pi, 0.25)[3] == 0.25
+        integral_like = StepRule(order=5.0, controller="pi", pcoeff=0.0, icoeff=1.0)
+        for ratio in (1e-9, 0.3, 0.999, 1.0, 1.7, 1e5):
+            expected = propose(ratio, 0.1, StepRule(order=5.0))
+            got = propose(ratio, 0.1, integral_like, 0.5)
+            assert got[0] == expected[0] and got[1] == pytest.approx(expected[1], rel=1e-14)
+
+
+def test_pi_options_are_checked():
+    from fastcnf.errors import InvalidOptionError
+    import fastcnf
+
+    y0, t = torch.ones(2), torch.tensor([0.0, 1.0])
+    for options, message in ((dict(controller="pid"), "option 'controller'"),
+                             (dict(controller="pi", pcoeff=-0.1), "option 'pcoeff' must be a non-negative number"),
+                             (dict(controller="pi", icoeff=0.0), "option 'icoeff'"),
+                             (dict(pcoeff=0.2), "pass controller='pi' as well")):
+        with pytest.raises(InvalidOptionError, match=message):
+            fastcnf.odeint(lambda t, y: -y, y0, t, options=options)
+    with pytest.warns(fastcnf.IgnoredOptionWarning, match="Option 'controller' is not used by method 'rk4'"):
+        fastcnf.odeint(lambda t, y: -y, y0, t, method="rk4", options=dict(step_size=0.1, controller="pi"))
+
+
+@pytest.mark.parametrize("controller_name", ["integral", "pi"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_step_controller_objects_agree(dtype):
+def test_step_controller_objects_agree(dtype, controller_name):
     from fastcnf.ode.control.cpp import CppController
 
     generator = torch.Generator().manual_seed(11)
     tableau = ADAPTIVE_TABLEAUS["tsit5"]
     sizes = (3, 9)
     norm = SegmentNorm.from_sizes(sizes)
-    rule = StepRule(order=5.0, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0, max_step=1.0)
+    rule = StepRule(order=5.0, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0, max_step=1.0,
+                    controller=controller_name)
     python = ReferenceController(rule, tableau.b_error, 1e-4, 1e-7, norm, dtype, torch.device("cpu"))
     cpp = CppController(rule, tableau.b_error, 1e-4, 1e-7, norm, dtype, sum(sizes))
+    last_ratio = 1.0
     for trial in range(200):
         y0, y1, stages = random_inputs(sizes, tableau.stages, dtype, generator, stage_stride_pad=0)
         dt = 10 ** (-4 + 4 * trial / 200)
-        reference = python.adapt(y0, y1, stages, dt)
-        ours = Decision(*cpp.adapt(y0, y1, stages, dt))
+        reference = python.adapt(y0, y1, stages, dt, last_ratio)
+        ours = Decision(*cpp.adapt(y0, y1, stages, dt, last_ratio))
         assert_same_ratio(ours.error_ratio, reference.error_ratio, dtype)
         if abs(reference.error_ratio - 1) > 1e-4:  # the decision may flip on rounding right at the threshold
             assert ours.accept == reference.accept and ours.status == reference.status
             assert ours.dt_next == pytest.approx(reference.dt_next, rel=RELATIVE[dtype])
+            assert ours.last_ratio == pytest.approx(reference.last_ratio, rel=RELATIVE[dtype])
+            last_ratio = reference.last_ratio
 
 
 def test_step_controller_rejects_mismatched_segments():
     with pytest.raises(ValueError, match="segment_ends and segment_skip must have the same length"):
+        rule = ext.StepRule(order=2.0, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0, max_step=math.inf,
+                            pi=False, pcoeff=0.0, icoeff=1.0)
         ext.StepController(error_weights=[0.5, -0.5], rtol=1e-3, atol=1e-6, segment_ends=[3, 5], segment_skip=[False],
-                           order=2.0, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0, max_step=math.inf,
-                           is_double=True)
+                           rule=rule, is_double=True)
 
 
 # ---------------------------------------------------------------- stage combiner

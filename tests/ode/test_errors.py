@@ -180,8 +180,8 @@ def test_unknown_method_lists_the_methods():
 
 
 UNUSED_OPTIONS = [
-    ("dopri5", dict(foo=1), r"Option 'foo' is not used by method 'dopri5'; it accepts: check_every, device_loop, "
-                            r"dfactor, dtype"),
+    ("dopri5", dict(foo=1), r"Option 'foo' is not used by method 'dopri5'; it accepts: check_every, controller, "
+                            r"device_loop, dfactor, dtype"),
     ("euler", dict(first_step=0.1), r"Option 'first_step' is not used by method 'euler' \(a fixed-grid method takes "
                                     r"the steps of its grid\); it accepts: grid_constructor, interp, norm, perturb, "
                                     r"step_size"),

@@ -33,6 +33,8 @@ def test_defaults_are_valid_and_round_trip_through_a_dict():
     (dict(solver="rk4"), "solver 'rk4' is fixed-step: pass a step size"),
     (dict(step_size=0.1), "solver 'dopri5' chooses its own steps"),
     (dict(seed=-1), "seed must be a non-negative integer"),
+    (dict(controller="pid"), "unknown controller 'pid'"),
+    (dict(controller="pi", solver="rk4", step_size=0.1), "controller 'pi' needs an adaptive solver"),
 ])
 def test_bad_settings_are_rejected(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -307,7 +307,8 @@ def test_trained_stack_beats_the_base_distribution_and_inverts(tmp_path):
         x_back = flow.inverse(z)
         x_again, log_p = flow.inverse(z, standard_normal_log_prob(z))
     torch.testing.assert_close(x_back, x, rtol=0, atol=1e-4)  # reverse-time rk4 solves
-    torch.testing.assert_close(x_again, x_back, rtol=0, atol=1e-6)
+    # with log p the flow runs the fused divergence pass, whose f equals the net's forward to float32 rounding
+    torch.testing.assert_close(x_again, x_back, rtol=0, atol=1e-5)
     torch.testing.assert_close(log_p, standard_normal_log_prob(z) - delta_logp, rtol=0, atol=5e-4)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -69,6 +69,17 @@ def test_model_uses_config_settings():
     assert block.train_estimator.name == "hutchinson-rademacher" and block.test_estimator.name == "exact"
 
 
+def test_pi_controller_drives_the_forward_training_solve_only():
+    """controller='pi': the forward training solve takes it; the adjoint solve (adjoint_options without it) and
+    evaluation keep torchdiffeq's integral controller."""
+    block = _build("ffjord", controller="pi")[1].blocks[0]
+    assert block.train_solver.options == {"controller": "pi"} and block.train_solver.adjoint_options == {}
+    assert block.test_solver.options == {}
+    block = _build("ffjord", controller="pi", seminorm=True)[1].blocks[0]
+    assert block.train_solver.adjoint_options == {"norm": "seminorm"}
+    assert _build("ffjord")[1].blocks[0].train_solver.options == {}
+
+
 def test_auto_divergence():
     assert resolve_divergence("auto", 2) == "exact"
     assert resolve_divergence("auto", 64) == "hutchinson-gaussian"

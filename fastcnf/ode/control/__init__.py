@@ -4,11 +4,12 @@
 import torch
 
 from ..norms import SegmentNorm
-from .interface import Decision, Status, StepRule, StepSizeController, solve_failure
+from .interface import (CONTROLLERS, PI_COEFFICIENTS, Decision, Status, StepRule, StepSizeController, pi_settings,
+                        solve_failure)
 from .reference import ReferenceController, propose_step, scaled_error_ratio
 
-__all__ = ["Status", "StepRule", "Decision", "StepSizeController", "solve_failure", "make_controller",
-           "ReferenceController", "propose_step", "scaled_error_ratio"]
+__all__ = ["Status", "StepRule", "Decision", "StepSizeController", "solve_failure", "make_controller", "CONTROLLERS",
+           "PI_COEFFICIENTS", "pi_settings", "ReferenceController", "propose_step", "scaled_error_ratio"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 

@@ -13,6 +13,6 @@ class CppController(StepSizeController):
     def __init__(self, rule, error_weights, rtol, atol, norm, dtype, numel):
         super().__init__(rule, error_weights, rtol, atol, norm)
         self.native = CppStepController(self.error_weights, rtol, atol, norm, rule, dtype, numel)
-        # the checked C++ call itself: a plain (accept, dt_next, error_ratio, status) tuple in Decision's
-        # order (status the int of its Status member), without a Python layer per step
+        # the checked C++ call itself: a plain (accept, dt_next, error_ratio, status, last_ratio) tuple in
+        # Decision's order (status the int of its Status member), without a Python layer per step
         self.adapt = self.native.step

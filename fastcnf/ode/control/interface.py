@@ -3,9 +3,12 @@
 Every adaptive loop (the host loop of ``fastcnf.ode.explicit.adaptive`` and the device loop of
 ``fastcnf.ode.explicit.device_loop``) asks a ``StepSizeController`` for the first step
 (``initial_step``) and, after every trial step, for a ``Decision`` (``adapt``): accept or reject,
-the next step size, the scaled error ratio and a ``Status``. The Python reference, the C++ twin and
-the Triton twin implement the same rule (``StepRule``); ``fastcnf.ode.control.make_controller``
-chooses one. The C++ header and the Triton kernels use the same status values.
+the next step size, the scaled error ratio, a ``Status`` and the error ratio of the last accepted
+step. That last one is the controller's only state: the loop holds it (1.0 before the first step)
+and hands it back to the next ``adapt``, so the controllers themselves stay stateless. The Python
+reference, the C++ twin and the Triton twin implement the same rule (``StepRule``);
+``fastcnf.ode.control.make_controller`` chooses one. The C++ header and the Triton kernels use the
+same status values.
 """
 
 from dataclasses import dataclass
@@ -14,10 +17,14 @@ from typing import NamedTuple
 
 import torch
 
-from ...errors import MaxNumStepsError, NonFiniteStateError, StepSizeUnderflowError
+from ...errors import InvalidOptionError, MaxNumStepsError, NonFiniteStateError, StepSizeUnderflowError
 from ..initial_step import initial_step_size
 
-__all__ = ["Status", "StepRule", "Decision", "StepSizeController", "solve_failure"]
+__all__ = ["Status", "StepRule", "Decision", "StepSizeController", "solve_failure", "CONTROLLERS", "PI_COEFFICIENTS",
+           "pi_settings"]
+
+CONTROLLERS = ("integral", "pi")
+PI_COEFFICIENTS = dict(pcoeff=0.4, icoeff=0.3)  # Hairer-Wanner II, IV.2: alpha = 0.7 / k, beta = 0.4 / k
 
 
 class Status(IntEnum):
@@ -32,13 +39,20 @@ class Status(IntEnum):
 
 @dataclass(frozen=True)
 class StepRule:
-    """torchdiffeq's integral controller: after a trial step with error ratio r,
+    """The step-size rule: after a trial step with error ratio r,
 
-        factor = min(ifactor, max(safety / r ** (1 / order), dfactor if r >= 1 else 1))
+        integral (torchdiffeq's, the default):
+            factor = min(ifactor, max(safety / r ** (1 / order), dfactor if r >= 1 else 1))
+        pi (Gustafsson/Soderlind; Hairer-Wanner II, IV.2; diffrax's and torchode's PID controllers):
+            factor = min(ifactor, max(safety * r ** (-(icoeff + pcoeff) / order)
+                                             * r_last ** (pcoeff / order), dfactor if r >= 1 else 1))
 
-    ``dt_next = clamp(dt * factor, min_step, max_step)``; r == 0 grows dt by ``ifactor``; a step is
-    accepted when r <= 1 (always at ``min_step``, never above ``max_step``). ``order`` is the
-    tableau's order (torchdiffeq's exponent).
+    with r_last the error ratio of the last accepted step (1 before the first and after a step
+    accepted with r = 0). ``dt_next = clamp(dt * factor, min_step, max_step)``; r == 0
+    grows dt by ``ifactor``; a step is accepted when r <= 1 (always at ``min_step``, never above
+    ``max_step``). ``order`` is the tableau's order (torchdiffeq's exponent). With pcoeff = 0 and
+    icoeff = 1 the PI rule is the integral rule; the PI defaults (``PI_COEFFICIENTS``) are
+    Hairer-Wanner's alpha = 0.7 / order, beta = 0.4 / order.
     """
 
     order: float
@@ -47,24 +61,50 @@ class StepRule:
     dfactor: float = 0.2
     min_step: float = 0.0
     max_step: float = float("inf")
+    controller: str = "integral"
+    pcoeff: float = PI_COEFFICIENTS["pcoeff"]
+    icoeff: float = PI_COEFFICIENTS["icoeff"]
+
+    def __post_init__(self):
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {self.controller!r}.")
+
+    @property
+    def pi(self):
+        return self.controller == "pi"
+
+
+def pi_settings(controller="integral", pcoeff=None, icoeff=None):
+    """``StepRule`` keyword arguments from the solver options ``controller``, ``pcoeff`` and ``icoeff``
+    (their values are checked by ``fastcnf.ode.validation``; here, that they go together)."""
+    if controller != "pi" and (pcoeff is not None or icoeff is not None):
+        raise InvalidOptionError("options 'pcoeff' and 'icoeff' tune the PI controller; pass controller='pi' as well.")
+    settings = dict(controller=controller)
+    for name, value in (("pcoeff", pcoeff), ("icoeff", icoeff)):
+        if value is not None:
+            settings[name] = float(value)
+    return settings
 
 
 class Decision(NamedTuple):
     """The verdict on one trial step: Python values from host controllers, 0-dim device tensors from
-    device controllers (``on_device``)."""
+    device controllers (``on_device``). ``last_ratio`` is the error ratio of the last accepted step
+    after this decision, for the next ``adapt``."""
 
     accept: object
     dt_next: object
     error_ratio: object
     status: object
+    last_ratio: object
 
     def to_host(self):
         """The same decision as Python values (one device synchronization for device tensors)."""
         if not isinstance(self.accept, torch.Tensor):
             return self
-        accept, dt_next, ratio, status = torch.stack(
-            [self.accept.double(), self.dt_next.double(), self.error_ratio.double(), self.status.double()]).tolist()
-        return Decision(bool(accept), dt_next, ratio, Status(int(status)))
+        accept, dt_next, ratio, status, last_ratio = torch.stack(
+            [self.accept.double(), self.dt_next.double(), self.error_ratio.double(), self.status.double(),
+             self.last_ratio.double()]).tolist()
+        return Decision(bool(accept), dt_next, ratio, Status(int(status)), last_ratio)
 
 
 class StepSizeController:
@@ -88,9 +128,10 @@ class StepSizeController:
         return initial_step_size(dynamics, t0, y0, f0, self.rule.order - 1, self.rtol, self.atol, self.norm,
                                  time_arg)
 
-    def adapt(self, y0, y1, stages, dt):
-        """The decision on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``: a ``Decision``, or
-        (C++ twin, to save a Python layer per step) a plain tuple in its order; callers unpack it."""
+    def adapt(self, y0, y1, stages, dt, last_ratio=1.0):
+        """The decision on the trial step y0 -> y1 of size ``dt`` with (S, N) ``stages``; ``last_ratio`` is the
+        error ratio of the last accepted step (the previous decision's ``last_ratio``). A ``Decision``, or (C++
+        twin, to save a Python layer per step) a plain tuple in its order; callers unpack it."""
         raise NotImplementedError
 
 

@@ -2,8 +2,8 @@
 
 ``csrc/controller.cpp`` is its C++ twin, function for function (``scaled_error_ratio``,
 ``propose_step``), and ``fastcnf.kernels.rk_stage`` its Triton twin; the tests hold both to this
-one. The rule is ``StepRule``'s (torchdiffeq's integral controller), so both packages accept the
-same steps. A non-finite error ratio (NaN/Inf in the trial state or error estimate) rejects the
+one. The rule is ``StepRule``'s: torchdiffeq's integral controller by default, so both packages
+accept the same steps, or the PI controller. A non-finite error ratio (NaN/Inf in the trial state or error estimate) rejects the
 step and shrinks it by ``dfactor`` (``Status.NONFINITE``); at ``min_step`` the solve fails
 (``Status.FAILED_NONFINITE``).
 """
@@ -39,15 +39,17 @@ def scaled_error_ratio(y0, y1, stages, error_weights, dt, rtol, atol, norm):
         return float(norm(scaled))
 
 
-def propose_step(error_ratio, dt, rule):
+def propose_step(error_ratio, dt, rule, last_ratio=1.0):
     """Decide on a trial step of size ``dt`` (floats) with ``rule`` (a ``StepRule``).
 
+    ``last_ratio`` is the error ratio of the last accepted step (the PI rule reads it).
+
     Returns:
-        ``(accept, dt_next, status)``.
+        ``(accept, dt_next, status, last_ratio)``, the last one for the next decision.
     """
     if not math.isfinite(error_ratio):
         status = Status.FAILED_NONFINITE if dt <= rule.min_step else Status.NONFINITE
-        return False, _clamp(dt * rule.dfactor, rule.min_step, rule.max_step), status
+        return False, _clamp(dt * rule.dfactor, rule.min_step, rule.max_step), status, last_ratio
     accept = error_ratio <= 1
     if dt > rule.max_step:
         accept = False
@@ -57,8 +59,15 @@ def propose_step(error_ratio, dt, rule):
         dt_next = dt * rule.ifactor
     else:
         shrink = 1.0 if error_ratio < 1 else rule.dfactor
-        dt_next = dt * min(rule.ifactor, max(rule.safety / error_ratio ** (1.0 / rule.order), shrink))
-    return accept, _clamp(dt_next, rule.min_step, rule.max_step), Status.OK
+        if rule.pi:
+            proposal = (rule.safety * error_ratio ** (-(rule.icoeff + rule.pcoeff) / rule.order)
+                        * last_ratio ** (rule.pcoeff / rule.order))
+        else:
+            proposal = rule.safety / error_ratio ** (1.0 / rule.order)
+        dt_next = dt * min(rule.ifactor, max(proposal, shrink))
+    if accept:
+        last_ratio = error_ratio if error_ratio > 0 else 1.0
+    return accept, _clamp(dt_next, rule.min_step, rule.max_step), Status.OK, last_ratio
 
 
 def _clamp(value, low, high):
@@ -72,7 +81,7 @@ class ReferenceController(StepSizeController):
         super().__init__(rule, error_weights, rtol, atol, norm)
         self.weights = torch.tensor(self.error_weights, dtype=dtype, device=device)
 
-    def adapt(self, y0, y1, stages, dt):
+    def adapt(self, y0, y1, stages, dt, last_ratio=1.0):
         ratio = scaled_error_ratio(y0, y1, stages, self.weights, dt, self.rtol, self.atol, self.norm)
-        accept, dt_next, status = propose_step(ratio, dt, self.rule)
-        return Decision(accept, dt_next, ratio, status)
+        accept, dt_next, status, last_ratio = propose_step(ratio, dt, self.rule, last_ratio)
+        return Decision(accept, dt_next, ratio, status, last_ratio)

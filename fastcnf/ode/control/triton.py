@@ -12,7 +12,8 @@ __all__ = ["TritonController"]
 
 
 class TritonController(StepSizeController):
-    """``adapt(y0, y1, stages, dt)`` with ``dt`` a float or a 0-dim device tensor; returns device tensors."""
+    """``adapt(y0, y1, stages, dt, last_ratio)`` with ``dt`` and ``last_ratio`` floats or 0-dim device tensors;
+    returns device tensors."""
 
     on_device = True
 
@@ -23,6 +24,5 @@ class TritonController(StepSizeController):
         self.kernel = ErrorRatio(self.error_weights, norm, numel, rtol, atol, device)
         self.codes = (int(Status.OK), int(Status.NONFINITE), int(Status.FAILED_NONFINITE))
 
-    def adapt(self, y0, y1, stages, dt):
-        accept, dt_next, ratio, status = self.kernel.decide(y0, y1, stages, dt, self.rule, self.codes)
-        return Decision(accept, dt_next, ratio, status)
+    def adapt(self, y0, y1, stages, dt, last_ratio=1.0):
+        return Decision(*self.kernel.decide(y0, y1, stages, dt, self.rule, self.codes, last_ratio))

@@ -19,7 +19,7 @@ import torch
 from ...errors import InvalidOptionError, NonFiniteStateError
 from ...stats import record_solve
 from ..backend import select_backend
-from ..control import Status, StepRule, make_controller, solve_failure
+from ..control import Status, StepRule, make_controller, pi_settings, solve_failure
 from ..dynamics import CALLBACK_NAMES, Perturb
 from ..events import EventSearch, event_tolerance, step_overflow, time_limit
 from ..interpolation import quartic_eval
@@ -37,13 +37,15 @@ MAX_NONFINITE_TRIALS = 1000
 
 
 class AcceptedStep:
-    """The last accepted step [t0, t1] (floats), its stages, and what the next trial starts from."""
+    """The last accepted step [t0, t1] (floats), its stages, and what the next trial starts from
+    (``last_ratio``: its error ratio, which the PI controller reads)."""
 
-    __slots__ = ("t0", "t1", "y0", "y1", "stages", "f1", "dt_next", "buffer")
+    __slots__ = ("t0", "t1", "y0", "y1", "stages", "f1", "dt_next", "buffer", "last_ratio")
 
-    def __init__(self, t0, t1, y0, y1, stages, f1, dt_next, buffer):
+    def __init__(self, t0, t1, y0, y1, stages, f1, dt_next, buffer, last_ratio=1.0):
         self.t0, self.t1, self.y0, self.y1 = t0, t1, y0, y1
         self.stages, self.f1, self.dt_next, self.buffer = stages, f1, dt_next, buffer
+        self.last_ratio = last_ratio
 
 
 class AdaptiveRungeKutta:
@@ -56,18 +58,21 @@ class AdaptiveRungeKutta:
         tableau: an adaptive ``ButcherTableau``.
         norm: ``SegmentNorm`` (fast path) or any callable on an (N,) tensor.
         Other keyword arguments are torchdiffeq's options of the same names; ``device_loop`` and
-        ``check_every`` choose and tune the device loop; ``stiffness`` ("warn", "error" or "off") the
+        ``check_every`` choose and tune the device loop; ``controller`` (``"integral"``, torchdiffeq's,
+        the default, or ``"pi"``) and the PI coefficients ``pcoeff``/``icoeff`` choose the step-size
+        rule (``fastcnf.ode.control.StepRule``); ``stiffness`` ("warn", "error" or "off") the
         stiffness check of ``fastcnf.ode.explicit.stiffness``.
     """
 
     OPTIONS = frozenset({"norm", "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor",
-                         "dfactor", "max_num_steps", "dtype", "device_loop", "check_every", "stiffness"})
+                         "dfactor", "max_num_steps", "dtype", "device_loop", "check_every", "controller", "pcoeff",
+                         "icoeff", "stiffness"})
     CALLBACKS = frozenset(CALLBACK_NAMES)
 
     def __init__(self, dynamics, y0, rtol, atol, *, tableau, norm, first_step=None, min_step=0.0,
                  max_step=math.inf, step_t=None, jump_t=None, safety=0.9, ifactor=10.0, dfactor=0.2,
                  max_num_steps=None, dtype=torch.float64, device_loop=None, check_every=DEFAULT_CHECK_EVERY,
-                 stiffness=None):
+                 controller="integral", pcoeff=None, icoeff=None, stiffness=None):
         check_tolerance_resolution(rtol, atol, y0)
         self.dynamics = dynamics
         self.y0 = y0
@@ -76,7 +81,8 @@ class AdaptiveRungeKutta:
         self.norm = norm
         self.first_step = None if first_step is None else float(first_step)
         self.rule = StepRule(order=float(tableau.order), safety=float(safety), ifactor=float(ifactor),
-                             dfactor=float(dfactor), min_step=float(min_step), max_step=float(max_step))
+                             dfactor=float(dfactor), min_step=float(min_step), max_step=float(max_step),
+                             **pi_settings(controller, pcoeff, icoeff))
         self.max_num_steps_given = max_num_steps is not None
         self.max_num_steps = 2 ** 31 - 1 if max_num_steps is None else int(max_num_steps)
         self.step_t = _sorted_floats(step_t)
@@ -252,10 +258,10 @@ class AdaptiveRungeKutta:
 
         buffer = 1 - step.buffer
         y1, stages, last_stage = self.stepper.step(t0, y0, f0, dt, t1, self._time, buffer)
-        decision = self.controller.adapt(y0, y1, stages, dt)
+        decision = self.controller.adapt(y0, y1, stages, dt, step.last_ratio)
         if self.controller.on_device:
             decision = decision.to_host()
-        accept, dt_next, _, status = decision
+        accept, dt_next, _, status, last_ratio = decision
         self._last_nonfinite = status != Status.OK
         if self._last_nonfinite:
             self._count_nonfinite(status, t0, dt)
@@ -275,7 +281,7 @@ class AdaptiveRungeKutta:
             if self._next_jump_t != len(self.jump_t) - 1:
                 self._next_jump_t += 1
             f1 = self.dynamics(self._time(t1), y1, Perturb.NEXT)
-        return AcceptedStep(t0, t1, y0, y1, stages, f1, dt_next, buffer)
+        return AcceptedStep(t0, t1, y0, y1, stages, f1, dt_next, buffer, last_ratio)
 
     def _count_nonfinite(self, status, t0, dt):
         """A trial step had NaN/Inf in it: raise when the solve cannot go on."""

@@ -48,6 +48,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
         dt = solver.first_step
     dt = torch.tensor(dt, dtype=torch.float64, device=device)
     status = torch.full((), int(Status.OK), dtype=torch.int64, device=device)
+    last_ratio = torch.ones((), dtype=torch.float64, device=device)  # of the last accepted step (PI control)
     since_output = torch.zeros((), dtype=torch.int64, device=device)
     b_mid = solver.tableau.b_mid
     steps_until_check, buffer = 1, 0
@@ -63,7 +64,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
             buffer = 1 - buffer
             y1, stages, last_stage = stepper.step(t0, y0, f0, dt, t1, buffer=buffer)
             with torch.no_grad():  # step-size decisions carry no gradient, as in the host loop
-                decision = _decide(controller, y0, y1, stages, dt)
+                decision = _decide(controller, y0, y1, stages, dt, last_ratio)
             judged = active & ~underflow
             failed_nonfinite = judged & (decision.status == Status.FAILED_NONFINITE)
             accept = decision.accept & judged
@@ -85,6 +86,7 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
             f0 = torch.where(accept, last_stage, f0)
             t0 = torch.where(accept, t1, t0)
             dt = torch.where(active, decision.dt_next, dt)
+            last_ratio = torch.where(accept, decision.last_ratio, last_ratio)
             accepted = accepted + accept.long()
             rejected = rejected + (active & ~accept).long()
         t_now, dt_now, code, end = torch.stack([t0, dt, status.to(torch.float64), t_end]).tolist()
@@ -103,12 +105,13 @@ def integrate_on_device(solver, t, check_every=DEFAULT_CHECK_EVERY):
     return outputs
 
 
-def _decide(controller, y0, y1, stages, dt):
-    """The controller's decision as device tensors (host controllers decide on a float dt)."""
+def _decide(controller, y0, y1, stages, dt, last_ratio):
+    """The controller's decision as device tensors (host controllers decide on float dt and last_ratio)."""
     if controller.on_device:
-        return controller.adapt(y0, y1, stages, dt)
-    accept, dt_next, ratio, status = controller.adapt(y0, y1, stages, float(dt))
+        return controller.adapt(y0, y1, stages, dt, last_ratio)
+    accept, dt_next, ratio, status, last = controller.adapt(y0, y1, stages, float(dt), float(last_ratio))
     device = dt.device
     return Decision(torch.tensor(accept, device=device), torch.tensor(dt_next, dtype=torch.float64, device=device),
                     torch.tensor(ratio, dtype=torch.float64, device=device),
-                    torch.tensor(int(status), dtype=torch.int64, device=device))
+                    torch.tensor(int(status), dtype=torch.int64, device=device),
+                    torch.tensor(last, dtype=torch.float64, device=device))

@@ -24,7 +24,8 @@ pytest.importorskip("triton")
 
 from fastcnf.kernels import hutchinson, rk_stage  # noqa: E402
 
-from fastcnf.cnf.mlp_spec import MLPSpec, mlp_forward  # noqa: E402
+from fastcnf.cnf.mlp_spec import MLPSpec  # noqa: E402
+from fastcnf.kernels.tangent_mlp import mlp_reference  # noqa: E402
 from fastcnf.ode.control.reference import scaled_error_ratio  # noqa: E402
 from fastcnf.ode.explicit import tableaus  # noqa: E402
 from fastcnf.ode.norms import SegmentNorm  # noqa: E402
@@ -117,7 +118,7 @@ def _vjp_estimator(spec, t, z, eps):
     """What CNF code does without the kernel: f, then an autograd vjp of f with eps."""
     with torch.enable_grad():
         state = z if z.requires_grad else z.detach().requires_grad_()
-        f = mlp_forward(spec, t, state)
+        f = mlp_reference(spec, t, state)
         (vjp,) = torch.autograd.grad(f, state, eps, create_graph=torch.is_grad_enabled() and z.requires_grad)
     return f, (vjp * eps).sum(dim=1)
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .tangent_mlp import ACTIVATIONS, activation_slope, tangent_backward
+from .tangent_mlp import ACTIVATIONS, activation_slope, mlp_reference, tangent_backward
 from .tangent_mlp import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
 
 __all__ = ["MAX_WIDTH", "DTYPES", "ACTIVATIONS", "supports", "hutchinson_mlp", "HutchinsonMLP", "hutchinson_reference",
@@ -263,20 +263,6 @@ def hutchinson_reference(spec, t, z, eps):
     time = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=z.dtype, device=z.device)
     f, jvp = torch.func.jvp(lambda state: mlp_reference(spec, time.reshape(()), state), (z,), (eps,))
     return f, (eps * jvp).sum(dim=1)
-
-
-def mlp_reference(spec, t, z):
-    """Plain torch evaluation of the MLP ``spec`` at time ``t`` (0-dim tensor) on z (B, D)."""
-    activation = ACTIVATIONS[spec.activation]
-    h = z
-    last = len(spec.weights) - 1
-    for layer, (weight, bias) in enumerate(zip(spec.weights, spec.biases)):
-        if spec.has_time(layer):
-            h = torch.cat([torch.ones_like(h[:, :1]) * t, h], dim=1)
-        h = F.linear(h, weight, bias)
-        if layer < last:
-            h = activation(h)
-    return h
 
 
 def supports(spec, device):

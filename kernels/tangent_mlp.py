@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["ACTIVATIONS", "SOFTPLUS_THRESHOLD", "activation_slope", "activation_derivatives", "tangent_mlp", "TangentMLP",
-           "tangent_forward", "tangent_backward", "tangent_mlp_reference"]
+           "tangent_forward", "tangent_backward", "tangent_mlp_reference", "mlp_reference"]
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: the identity above it
 ACTIVATIONS = {
@@ -254,12 +254,7 @@ def tangent_mlp_reference(weights, biases, activation, z, probes=None, frobenius
     act = ACTIVATIONS[activation]
 
     def mlp(state):
-        h = state
-        for layer, (weight, bias) in enumerate(zip(weights, biases)):
-            h = F.linear(h, weight, bias)
-            if layer < len(weights) - 1:
-                h = act(h)
-        return h
+        return _affine_stack(weights, biases, act, state)
 
     vectors = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)[:, None, :].expand(-1, z.shape[0], -1) \
         if probes is None else probes
@@ -269,6 +264,24 @@ def tangent_mlp_reference(weights, biases, activation, z, probes=None, frobenius
         trace = trace + (tangent * vector).sum(dim=1)
         squares = squares + tangent.square().sum(dim=1)
     return (f, trace, squares) if frobenius else (f, trace)
+
+
+def mlp_reference(spec, t, z):
+    """Plain torch evaluation on z (B, D) of an MLP described like ``fastcnf.cnf.MLPSpec`` (weights,
+    biases, activation, ``has_time(layer)``) at time ``t`` (0-dim tensor; unused when no layer sees it)."""
+    return _affine_stack(spec.weights, spec.biases, ACTIVATIONS[spec.activation], z, t, spec.has_time)
+
+
+def _affine_stack(weights, biases, act, h, t=None, has_time=lambda layer: False):
+    """Affine layers with ``act`` between them; a layer with ``has_time(layer)`` sees the column t first."""
+    last = len(weights) - 1
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        if has_time(layer):
+            h = torch.cat([torch.ones_like(h[:, :1]) * t, h], dim=1)
+        h = F.linear(h, weight, bias)
+        if layer < last:
+            h = act(h)
+    return h
 
 
 # ------------------------------------------------------------------------------- validation

@@ -15,10 +15,7 @@ layers), ``"first"`` (only the input layer) or ``"none"`` (autonomous dynamics).
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-__all__ = ["MLPSpec", "ACTIVATIONS", "TIME_CONCAT", "activation_fn", "mlp_forward"]
+__all__ = ["MLPSpec", "ACTIVATIONS", "TIME_CONCAT"]
 
 ACTIVATIONS = ("tanh", "softplus", "sigmoid", "swish", "elu")
 TIME_CONCAT = ("all", "first", "none")
@@ -43,27 +40,3 @@ class MLPSpec:
 
     def has_time(self, layer):
         return self.time_concat == "all" or (self.time_concat == "first" and layer == 0)
-
-
-def activation_fn(name):
-    return {
-        "tanh": torch.tanh,
-        "softplus": F.softplus,
-        "sigmoid": torch.sigmoid,
-        "swish": lambda x: x * torch.sigmoid(x),
-        "elu": F.elu,
-    }[name]
-
-
-def mlp_forward(spec, t, z):
-    """Reference evaluation of ``spec`` at time ``t`` (0-dim tensor) on z (B, D)."""
-    act = activation_fn(spec.activation)
-    h = z
-    last = len(spec.weights) - 1
-    for layer, (weight, bias) in enumerate(zip(spec.weights, spec.biases)):
-        if spec.has_time(layer):
-            h = torch.cat([torch.ones_like(h[:, :1]) * t, h], dim=1)
-        h = F.linear(h, weight, bias)
-        if layer < last:
-            h = act(h)
-    return h

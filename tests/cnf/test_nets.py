@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcnf.cnf.mlp_spec import mlp_forward
+from fastcnf.kernels.tangent_mlp import mlp_reference
 from fastcnf.cnf.nets import ConcatLinear, ConcatSquashLinear, IgnoreLinear, ODEnet
 
 
@@ -54,7 +54,7 @@ def test_mlp_spec_evaluates_like_the_net(layers, activation):
     for time in (0.0, 0.7, -1.3):
         spec = net.mlp_spec(torch.tensor(time, dtype=torch.float64))
         assert spec.time_concat == "none" and spec.activation == activation
-        torch.testing.assert_close(mlp_forward(spec, None, x), net(torch.tensor(time, dtype=torch.float64), x))
+        torch.testing.assert_close(mlp_reference(spec, None, x), net(torch.tensor(time, dtype=torch.float64), x))
 
 
 @pytest.mark.parametrize("layers", LAYER_KINDS)
@@ -63,7 +63,7 @@ def test_mlp_spec_gradients_reach_the_parameters_and_time(layers):
     _, x = _inputs()
     net = ODEnet(3, (5, 4), layers, "tanh").double()
     grads = []
-    for evaluate in (lambda t: net(t, x), lambda t: mlp_forward(net.mlp_spec(t), None, x)):
+    for evaluate in (lambda t: net(t, x), lambda t: mlp_reference(net.mlp_spec(t), None, x)):
         t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
         grads.append(torch.autograd.grad(evaluate(t).pow(2).sum(), [t, *net.parameters()], allow_unused=True))
     for got, expected in zip(*grads):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bench.measure import peak_memory_bytes
 from fastcnf.cnf.jko import (
     BlockSolver,
     JKOFlow,
@@ -25,20 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _peak_bytes(run):
-    """Peak CPU tensor memory allocated by ``run()`` above what was live before (torch.profiler's
-    allocation events summed in time order, as bench/measure.py measures it)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        run()
-    events = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
-                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def _stack(blocks, steps, adjoint, hidden=(64, 64)):
@@ -60,7 +47,7 @@ def _step_peak(blocks, steps, adjoint, x):
 
     step()  # warm-up: lazily created buffers are not part of a step
     flow.zero_grad(set_to_none=True)
-    return _peak_bytes(step)
+    return peak_memory_bytes(step, "cpu")
 
 
 def test_adjoint_step_memory_does_not_grow_with_the_blocks_or_the_steps():

@@ -65,7 +65,7 @@ from fastcnf.training.mmd import mmd2
 
 from .cli import protocol_parser, select
 from .harness import Arm, ArmHooks, Budget, Protocol, run_arm
-from .report import Column, MethodReport, arms_of, spread, write_report
+from .report import Column, MethodReport, arms_of, save_figure, spread, write_report
 
 __all__ = ["DATASETS", "SEEDS", "JKO_ITERATIONS", "arms", "build_protocol", "run", "jko_budget", "ffjord_budget",
            "time_to_reach", "JKOHooks", "JKOReport",
@@ -478,9 +478,7 @@ def _draw_samples(runs, dataset, path):
         axis.set_title(title, fontsize=8)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
     return True
 
 

@@ -48,7 +48,7 @@ from bench.report import markdown_table
 
 from .cli import budget_from, protocol_parser, select
 from .harness import Arm, ArmHooks, Budget, Protocol, run_directory, run_protocol
-from .report import STANDARD_COLUMNS, Column, MethodReport, arms_of, mean_band_plot, spread, write_report
+from .report import STANDARD_COLUMNS, Column, MethodReport, arms_of, mean_band_plot, save_figure, spread, write_report
 
 __all__ = ["DATASETS", "SEEDS", "SECONDS", "BASE", "ALPHAS", "arms", "control_arm", "final_end_time",
            "build_protocol", "parse_args", "run_toflow_protocol", "time_to_reach", "TOFLOWHooks", "TOFLOWReport", "REPORT", "main"]
@@ -371,9 +371,7 @@ class TOFLOWReport(MethodReport):
         axis.set_title(f"{dataset}: end time T during training (mean over seeds, min-max band)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save_figure(figure, path)
         return [("T against training time", path)]
 
 

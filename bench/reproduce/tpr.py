@@ -51,7 +51,7 @@ from fastcnf.training.data import load_dataset
 
 from .cli import budget_from, protocol_main, select
 from .harness import Arm, ArmHooks, Protocol
-from .report import STANDARD_COLUMNS, Column, MethodReport, last_fraction_mean, mean_band_plot, pyplot, spread
+from .report import STANDARD_COLUMNS, Column, MethodReport, last_fraction_mean, mean_band_plot, pyplot, save_figure, spread
 
 __all__ = ["DATASETS", "BASE", "arms", "build_protocol", "previous_defaults", "TPRHooks", "TPRReport", "REPORT",
            "main"]
@@ -306,9 +306,7 @@ class TPRReport(MethodReport):
         axis.set_title(f"{dataset}: trajectory acceleration of the final models")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save_figure(figure, path)
         return [("acceleration along the trajectories (why the NFE differ)", path)]
 
 

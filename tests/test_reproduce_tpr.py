@@ -6,13 +6,13 @@ import argparse
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from bench.reproduce import tpr
 from fastcnf.cnf import CNF, SequentialFlow, SolverSettings
 from fastcnf.cnf.regularizers import TrajectoryPolynomial, polynomial_residual
 from fastcnf.training.config import TrainConfig
 from fastcnf.training.trainer import Trainer
+from linear_flow import Linear
 
 
 def test_the_protocol_has_the_issues_arms():
@@ -40,15 +40,6 @@ def test_arm_d_reproduces_the_previous_mean_normalized_penalty():
     reg = TrajectoryPolynomial(settings["tpr_weight"], settings["tpr_degree"], settings["tpr_times"],
                                settings["tpr_logp"])
     torch.testing.assert_close(reg.weight * reg.penalty(fractions, (z, logp)), previous)
-
-
-class Linear(nn.Module):
-    def __init__(self, matrix):
-        super().__init__()
-        self.matrix = nn.Parameter(torch.as_tensor(matrix, dtype=torch.float64))
-
-    def forward(self, t, z):
-        return z @ self.matrix.t()
 
 
 def test_trajectory_profile_is_exact_for_a_linear_flow():

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torchdiffeq
 
 import fastcnf
 from fastcnf.cnf import CNF, SequentialFlow, SolverSettings, standard_normal_log_prob
 from fastcnf.cnf.nets import ODEnet
 from fastcnf.cnf.toflow import TerminalTime
+from linear_flow import Linear
 
 TIGHT = SolverSettings("dopri5", rtol=1e-9, atol=1e-9)
 
@@ -20,17 +20,6 @@ def _net(dim=2, seed=0, layer="concatsquash"):
 
 def _points(num=8, dim=2, seed=1):
     return torch.randn(num, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-class Linear(nn.Module):
-    """A torchdiffeq-style user module: f(t, z) = z A^T (not a fastcnf net)."""
-
-    def __init__(self, matrix):
-        super().__init__()
-        self.matrix = nn.Parameter(torch.as_tensor(matrix, dtype=torch.float64))
-
-    def forward(self, t, z):
-        return z @ self.matrix.t()
 
 
 def test_linear_flow_matches_the_matrix_exponential():

@@ -38,7 +38,7 @@ def test_the_protocol_has_the_issues_arms_at_equal_jko_cost():
         assert 0 <= total - passes * jko.BLOCKS * arm["jko_block_iterations"] < passes * jko.BLOCKS
     # a JKO arm's cap is never reached by its schedule; its validations spread over the schedule
     budget = jko.jko_budget(protocol, protocol.arms[1], total)
-    assert budget.iterations == 2 * total and budget.last_due(total) == 10 and budget.clock == "wall"
+    assert budget.iterations == 2 * total and budget.last_due(total) == 10 and budget.clock == "thread"
     scaled = jko.build_protocol(_args(datasets=["checkerboard"], jko_iterations=[("checkerboard", 60)]))
     assert scaled.arms[1].overrides["jko_block_iterations"] == 10
     for arm in protocol.arms:  # every arm is a valid configuration
@@ -47,11 +47,18 @@ def test_the_protocol_has_the_issues_arms_at_equal_jko_cost():
         jko.build_protocol(_args(seconds=60.0))
 
 
-def test_ffjord_gets_the_longest_jko_wall_time_of_its_pair():
-    protocol = jko.build_protocol(_args(validations=4))
-    budget = jko.ffjord_budget(protocol, [{"train_wall_seconds": t} for t in (12.5, 30.25, 20.0)])
-    assert (budget.seconds, budget.clock, budget.validations) == (30.25, "wall", 4)
-    assert budget.used(10, cpu_seconds=99.0, wall_seconds=30.0) == 30.0  # the wall clock, not CPU time
+@pytest.mark.parametrize("clock", [None, "thread", "wall"])
+def test_ffjord_gets_the_longest_jko_time_of_its_pair_on_the_budget_clock(clock):
+    protocol = jko.build_protocol(_args(validations=4, clock=clock))
+    clock = clock or "thread"  # CPU time of the training thread by default on CPU
+    assert protocol.budget.clock == clock
+    summaries = [{"budget": {"clock": clock}, "train_cpu_seconds": cpu, "train_wall_seconds": wall}
+                 for cpu, wall in ((12.5, 40.0), (30.25, 35.0), (20.0, 90.0))]
+    budget = jko.ffjord_budget(protocol, summaries)
+    expected = 30.25 if clock == "thread" else 90.0
+    assert (budget.seconds, budget.clock, budget.validations) == (expected, clock, 4)
+    assert budget.used(10, cpu_seconds=99.0, wall_seconds=30.0) == (99.0 if clock == "thread" else 30.0)
+    assert jko.build_protocol(_args(device="cuda")).budget.clock == "wall"
 
 
 def _trainer(tmp_path, name, **changes):
@@ -82,7 +89,7 @@ def test_measuring_step_memory_leaves_the_run_unchanged(tmp_path, method):
 
 def test_a_tiny_protocol_runs_to_its_report(tmp_path):
     """The whole pipeline on one dataset and seed: the JKO arms run their schedules, F runs for their
-    measured wall time, and the report section shows the table, the targets and the samples."""
+    measured training CPU time, and the report section shows the table, the targets and the samples."""
     args = _args(datasets=["8gaussians"], seeds=[0], validations=1, jko_iterations=[("8gaussians", 24)],
                  mmd_points=200)
     protocol = jko.build_protocol(args)
@@ -92,10 +99,10 @@ def test_a_tiny_protocol_runs_to_its_report(tmp_path):
     summaries = jko.run(protocol, str(tmp_path / "runs"), args)
     by_arm = {s["arm"]: s for s in summaries}
     assert [s["arm"] for s in summaries] == ["G", "R", "RR", "F"]  # F is timed by the JKO arms
-    jko_wall = max(by_arm[name]["train_wall_seconds"] for name in ("G", "R", "RR"))
-    assert by_arm["F"]["budget"] == {"iterations": None, "seconds": jko_wall, "validations": 1, "clock": "wall"}
-    assert jko_wall <= by_arm["F"]["train_wall_seconds"] < jko_wall + 10 * max(  # stops at the step crossing it
-        1.0, by_arm["F"]["train_wall_seconds"] / by_arm["F"]["iterations"])
+    jko_cpu = max(by_arm[name]["train_cpu_seconds"] for name in ("G", "R", "RR"))
+    assert by_arm["F"]["budget"] == {"iterations": None, "seconds": jko_cpu, "validations": 1, "clock": "thread"}
+    assert jko_cpu <= by_arm["F"]["train_cpu_seconds"] < jko_cpu + 10 * max(  # stops at the step crossing it
+        1.0, by_arm["F"]["train_cpu_seconds"] / by_arm["F"]["iterations"])
     assert by_arm["G"]["iterations"] == 24 and by_arm["G"]["hooks"]["blocks"] == jko.BLOCKS  # 6 x 4
     assert by_arm["R"]["iterations"] == 24  # 6 x 2 growing + 6 x 2 fine-tuning
     assert by_arm["RR"]["hooks"]["blocks"] > jko.BLOCKS  # some blocks were split
@@ -113,7 +120,11 @@ def test_a_tiny_protocol_runs_to_its_report(tmp_path):
     assert (tmp_path / "reproduction" / "jko" / "8gaussians-samples.png").is_file()
 
 
-def test_time_to_reach_reads_the_first_validation_point_at_or_below():
-    run = Run({}, {}, {"wall_seconds": np.array([0.0, 5.0, 10.0, 15.0]), "nll": np.array([3.0, 2.5, 2.0, 2.1])})
-    assert jko.time_to_reach(run, 2.5) == 5.0 and jko.time_to_reach(run, 2.05) == 10.0
+@pytest.mark.parametrize("clock", ["thread", "wall"])
+def test_time_to_reach_reads_the_first_validation_point_at_or_below_on_the_budget_clock(clock):
+    validation = {"wall_seconds": np.array([0.0, 5.0, 10.0, 15.0]), "cpu_seconds": np.array([0.0, 4.0, 8.0, 12.0]),
+                  "nll": np.array([3.0, 2.5, 2.0, 2.1])}
+    run = Run({"budget": {"clock": clock}}, {}, validation)
+    scale = 0.8 if clock == "thread" else 1.0
+    assert jko.time_to_reach(run, 2.5) == 5.0 * scale and jko.time_to_reach(run, 2.05) == 10.0 * scale
     assert jko.time_to_reach(run, 1.9) is None

@@ -191,6 +191,8 @@ class AugmentedDynamics:
 
     Quacks like ``fastcnf.ode.dynamics.Dynamics`` for the solvers. After ``watch_first(tau)`` the next
     evaluation, if it is made at ``tau`` (perturbed or not), keeps its y-part f(t, y) in ``first_f``.
+    An evaluation takes the function's own vector-Jacobian product where it supplies one
+    (``adjoint_vjp``, see ``fastcnf.ode.dynamics``), else differentiates f(t, y) with autograd.
     """
 
     reverse = True
@@ -227,23 +229,28 @@ class AugmentedDynamics:
         t = -float(tau)
         n = self.numel
         y, adj_y = state[1:1 + n], state[1 + n:1 + 2 * n]
+        # a_t is integrated whether or not t needs a gradient: torchdiffeq does the same (its
+        # t_requires_grad switch has no effect), and a_t takes part in the step-size control,
+        # so this keeps the backward steps identical to torchdiffeq's.
+        direct = self.dynamics.vector_jacobian(t, y, -adj_y, self.params)
+        if direct is None:
+            f, vjp_y, vjp_params, vjp_t = self._autograd_vjp(t, y, adj_y)
+        else:
+            f, vjp_y, vjp_params, vjp_t = direct
+        if keep:
+            self.first_f = f
+        vjp_params = [_zero_if_none(g, p).reshape(-1).to(state.dtype) for g, p in zip(vjp_params, self.params)]
+        vjp_t = state.new_zeros(1) if vjp_t is None else vjp_t.to(state.dtype).reshape(1)
+        return -torch.cat([vjp_t, f, _zero_if_none(vjp_y, y), *vjp_params])
+
+    def _autograd_vjp(self, t, y, adj_y):
+        """(f, -a_y^T df/dy, [-a_y^T df/dp], -a_y^T df/dt) by differentiating one evaluation with autograd."""
         with torch.enable_grad():
             y_var = y.detach().requires_grad_(True)
-            # a_t is integrated whether or not t needs a gradient: torchdiffeq does the same (its
-            # t_requires_grad switch has no effect), and a_t takes part in the step-size control,
-            # so this keeps the backward steps identical to torchdiffeq's.
-            t_var = torch.tensor(t, dtype=torch.float64, device=state.device, requires_grad=True)
+            t_var = torch.tensor(t, dtype=torch.float64, device=y.device, requires_grad=True)
             f = self.dynamics(t_var, y_var)
             grads = torch.autograd.grad(f, (y_var,) + self.params + (t_var,), -adj_y, allow_unused=True)
-        vjp_y = _zero_if_none(grads[0], y)
-        if keep:
-            self.first_f = f.detach()
-        vjp_params = [_zero_if_none(g, p).reshape(-1) for g, p in zip(grads[1:1 + len(self.params)], self.params)]
-        if grads[-1] is not None:
-            vjp_t = grads[-1].to(state.dtype).reshape(1)
-        else:
-            vjp_t = state.new_zeros(1)
-        return -torch.cat([vjp_t, f.detach(), vjp_y, *[v.to(state.dtype) for v in vjp_params]])
+        return f.detach(), grads[0], grads[1:-1], grads[-1]
 
     def callback(self, name, tau, state, dt):
         callback = self.callbacks[name]

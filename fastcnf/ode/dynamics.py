@@ -8,6 +8,13 @@ layout (a tensor of any shape or a tuple of tensors), flattens the derivative an
 state dtype (as torchdiffeq's stage buffers do: a float64, float16 or integer result of a float32
 state becomes float32), counts evaluations and forwards the step callbacks.
 
+A ``func`` may also supply its own vector-Jacobian product for ``odeint_adjoint``, as a method
+``adjoint_vjp(t, y, cotangent, params)`` (fastcnf only; torchdiffeq never calls it): ``t`` the 0-dim
+time, ``y`` and ``cotangent`` in the state's layout, ``params`` the adjoint parameters. It returns
+``(f, c^T df/dy, [c^T df/dp per parameter, None for zero], c^T df/dt or None)`` with ``f = func(t, y)``
+and the first two in the state's layout, or None to let autograd differentiate ``func(t, y)``
+instead. ``fastcnf.cnf.CNFDynamics`` uses it to skip autograd's graph of the fused divergence pass.
+
 What ``func`` may return is what torchdiffeq accepts: for a tensor state a tensor of its shape; for
 a tuple state a tuple of tensors with as many elements as each entry (torchdiffeq flattens each
 entry, so an (N, 1) result for an (N,) entry is fine).
@@ -112,6 +119,7 @@ class Dynamics:
         self.result_dtype = None  # dtype of func's (flattened) result, known after the first evaluation
         self._checked = False
         self.callbacks = {name: _user_callback(func, name) for name in CALLBACK_NAMES}
+        self.adjoint_vjp = _user_callback(func, "adjoint_vjp")
 
     def __call__(self, t, y, perturb=Perturb.NONE):
         if BUDGETS:
@@ -136,6 +144,38 @@ class Dynamics:
         if out.dtype != self.dtype:
             out = out.to(self.dtype)
         return -out if self.reverse else out
+
+    def vector_jacobian(self, t, y, cotangent, params):
+        """``func``'s own vector-Jacobian product at the float time ``t`` on flat tensors, or None.
+
+        Args:
+            y, cotangent: (N,) state and the vector c of c^T dF/dy, where F is this flat dynamics
+                (negated in reverse-time solves).
+            params: the parameters to differentiate.
+
+        Returns:
+            ``(F (N,), c^T dF/dy (N,), [c^T dF/dp or None per parameter], c^T dF/dt (0-dim) or None)``,
+            or None when ``func`` has no ``adjoint_vjp`` or declines (nothing is counted then).
+        """
+        if self.adjoint_vjp is None:
+            return None
+        sign = -1.0 if self.reverse else 1.0  # F(t, y) = sign f(sign t, y)
+        user_cotangent = self.layout.unflatten(cotangent if sign > 0 else -cotangent)
+        result = self.adjoint_vjp(self.user_time(t), self.layout.unflatten(y), user_cotangent, params)
+        if result is None:
+            return None
+        if BUDGETS:
+            charge_evaluation()
+        self.nfe += 1
+        out, vjp_y, vjp_params, vjp_t = result
+        if not self._checked:
+            self._check_output(out)
+        flat = self.layout.flatten(out)
+        if flat.dtype != self.dtype:
+            flat = flat.to(self.dtype)
+        if vjp_t is not None and sign < 0:
+            vjp_t = -vjp_t
+        return (flat if sign > 0 else -flat), self.layout.flatten(vjp_y), list(vjp_params), vjp_t
 
     def user_time(self, t, perturb=Perturb.NONE):
         """The 0-dim time tensor passed to the user's function."""

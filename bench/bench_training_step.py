@@ -22,6 +22,8 @@ each through ``odeint_adjoint`` (adjoint) and through the solver (backprop). Var
     fastcnf          ``fastcnf.cnf.CNF`` with its default estimator: the fused divergence pass
     fastcnf-pi       the same with the PI controller for the forward solve (``options=dict(controller="pi")``;
                      the adjoint solve keeps the integral controller, as fastcnf's trainer does)
+    fastcnf-compile  ``fastcnf`` with the fused pass compiled by torch.compile (``compile=True``; ``--compile``;
+                     the compilation happens in the counted run before the timing)
 
 Hutchinson noise is the same tensor for every variant. Every round runs each variant once, in
 turn, and records the CPU time of the process (``time.process_time``: with 1 thread, that of the
@@ -50,7 +52,7 @@ from bench.libraries import CountingFunc  # noqa: E402
 from bench.models import ExactDivergenceCNF, HutchinsonCNF, standard_normal_logpdf  # noqa: E402
 from fastcnf.cnf import CNF, ExactDivergence, HutchinsonDivergence, ODEnet, SolverSettings  # noqa: E402
 
-VARIANTS = ("torchdiffeq", "fastcnf-dropin", "fastcnf", "fastcnf-pi")
+VARIANTS = ("torchdiffeq", "fastcnf-dropin", "fastcnf", "fastcnf-pi", "fastcnf-compile")
 TOLERANCE = 1e-5
 END_TIME = 0.5
 
@@ -58,8 +60,8 @@ END_TIME = 0.5
 class FixedNoise(HutchinsonDivergence):
     """fastcnf's Hutchinson estimator with a given noise tensor instead of a fresh draw per solve."""
 
-    def __init__(self, noise):
-        super().__init__("gaussian")
+    def __init__(self, noise, compile=False):
+        super().__init__("gaussian", compile=compile)
         self.fixed = noise
 
     def resample(self, z):
@@ -108,7 +110,8 @@ class Case:
         if variant in ("torchdiffeq", "fastcnf-dropin"):
             return self._ffjord_step(torchdiffeq if variant == "torchdiffeq" else fastcnf)
         options = dict(controller="pi") if variant == "fastcnf-pi" else {}
-        estimator = ExactDivergence() if self.divergence == "exact" else FixedNoise(self.noise)
+        compile = variant == "fastcnf-compile"
+        estimator = ExactDivergence(compile=compile) if self.divergence == "exact" else FixedNoise(self.noise, compile)
         cnf = CNF(self.net, END_TIME, estimator,
                   train_solver=SolverSettings("dopri5", TOLERANCE, TOLERANCE, options, adjoint=self.adjoint,
                                               adjoint_options={}))
@@ -183,10 +186,11 @@ def main(argv=None):
                         help="trained networks: a fastcnf run directory or checkpoint per workload, e.g. cnf2d=runs/x")
     parser.add_argument("--controller", choices=("integral", "pi"), nargs="+", default=["integral", "pi"],
                         help="fastcnf variants to run: the default controller, the PI controller, or both")
+    parser.add_argument("--compile", action="store_true", help="also run fastcnf with the fused pass compiled")
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args(argv)
     variants = ["torchdiffeq", "fastcnf-dropin"] + [{"integral": "fastcnf", "pi": "fastcnf-pi"}[c]
-                                                    for c in args.controller]
+                                                    for c in args.controller] + ["fastcnf-compile"] * args.compile
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     results = dict(checkpoints=checkpoints, machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                                 torch=torch.__version__, fastcnf=fastcnf.__version__,

@@ -26,8 +26,12 @@ and the trace (``fastcnf.kernels.tangent_mlp``: D unit probes for the exact trac
 Hutchinson's) with a hand-derived backward, so the vector-Jacobian products of a backward pass or an
 adjoint solve do not differentiate an autograd graph twice. On CUDA with the Triton backend
 Hutchinson's estimate runs in the fused Triton kernel ``fastcnf.kernels.hutchinson`` where its
-``supports(spec, device)`` holds (``fused_kernel``). Any other network, and ``fused=False``, takes
-the autograd path above, which stays the reference the fused pass is tested against. The fused
+``supports(spec, device)`` holds (``fused_kernel``). Under ``odeint_adjoint`` the
+backward steps take the fused pass's vector-Jacobian product directly (``vector_jacobian``, called by
+``fastcnf.cnf.flow.CNFDynamics.adjoint_vjp``): only the fold of the parameters and t into the layer
+weights goes through autograd. With ``compile=True`` the fused pass of solves without gradients and of
+those adjoint steps runs compiled by ``torch.compile`` (``fastcnf.cnf.compiled``). Any other network,
+and ``fused=False``, takes the autograd path above, which stays the reference the fused pass is tested against. The fused
 pass evaluates tanh as 2 sigmoid(2x) - 1 and folds the time into the weights, so its values agree
 with the autograd path to rounding, not bit for bit.
 """
@@ -40,6 +44,7 @@ import torch
 
 from ..kernels import tangent_mlp
 from ..ode.backend import select_backend
+from .compiled import COMPILED_VALUES, COMPILED_VJP
 from .noise import NOISES, estimator_noise
 
 __all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
@@ -90,6 +95,12 @@ def _check_fused(fused):
     return fused
 
 
+def _check_compile(compile):
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}.")
+    return compile
+
+
 def fused_spec(func, t, z):
     """``func.mlp_spec(t)`` when the fused pass can evaluate ``func`` on ``z``, else None.
 
@@ -105,6 +116,43 @@ def fused_spec(func, t, z):
     if any(w.dtype != z.dtype or w.device != z.device for w in spec.weights + spec.biases):
         return None
     return spec
+
+
+def _fused_vector_jacobian(estimator, func, t, z, probes, grad_f, grad_divergence, params):
+    """The fused pass and its vector-Jacobian product by the hand-derived backward, without an autograd
+    graph of the pass (what ``odeint_adjoint`` evaluates at every backward step).
+
+    Only the fold of the parameters and ``t`` into per-layer weights (``func.mlp_spec(t)``) goes through
+    autograd. Returns ``(DivergenceEstimate, grad_z (B, D), [grad per parameter or None], grad_t or None)``
+    for the cotangents ``grad_f`` (B, D) and ``grad_divergence`` (B,), or None where the fused pass does not
+    apply (``fused=False`` or no ``mlp_spec``).
+    """
+    if estimator.fused is False:
+        return None
+    with torch.enable_grad():
+        time = t.detach().requires_grad_(True)
+        spec = fused_spec(func, time, z)
+    if spec is None:
+        return None
+    weights, biases = [w.detach() for w in spec.weights], [b.detach() for b in spec.biases]
+    vjp = COMPILED_VJP if estimator.compile else tangent_mlp.tangent_vjp
+    f, trace, grad_z, grad_weights, grad_biases = vjp(weights, biases, spec.activation, z, probes, grad_f,
+                                                      grad_divergence)
+    pairs = [(tensor, grad) for tensor, grad in zip(spec.weights + spec.biases, grad_weights + grad_biases)
+             if tensor.requires_grad]
+    sources = (*params, time)
+    grads = (torch.autograd.grad([tensor for tensor, _ in pairs], sources, [grad for _, grad in pairs],
+                                 allow_unused=True) if pairs else (None,) * len(sources))
+    return DivergenceEstimate(f, trace), grad_z, list(grads[:-1]), grads[-1]
+
+
+def _fused_estimate(estimator, spec, z, probes, frobenius):
+    """The fused pass's estimate; compiled (``estimator.compile``) where no gradient flows through it."""
+    tensors = (z, *spec.weights, *spec.biases)
+    if estimator.compile and not frobenius and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return DivergenceEstimate(*COMPILED_VALUES(list(spec.weights), list(spec.biases), spec.activation, z, probes))
+    return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z, probes,
+                                                       frobenius))
 
 
 def _required_spec(estimator, func, t, z):
@@ -149,13 +197,16 @@ class ExactDivergence:
         fused: ``"auto"`` (default): the fused pass for networks with ``mlp_spec(t)`` (exact trace and
             Frobenius norm from D forward-mode tangents), the autograd path otherwise; ``True``: the
             fused pass or an error; ``False``: always the autograd path.
+        compile: run the fused pass compiled by ``torch.compile`` where no autograd graph goes through
+            it (solves without gradients and ``odeint_adjoint``'s steps; ``fastcnf.cnf.compiled``).
     """
 
     stochastic = False
     name = "exact"
 
-    def __init__(self, fused="auto"):
+    def __init__(self, fused="auto", compile=False):
         self.fused = _check_fused(fused)
+        self.compile = _check_compile(compile)
 
     def resample(self, z):
         """Nothing to draw; present so every estimator can be driven the same way."""
@@ -163,8 +214,7 @@ class ExactDivergence:
     def __call__(self, func, t, z, frobenius=False):
         spec = _required_spec(self, func, t, z)
         if spec is not None:
-            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z, None,
-                                                               frobenius))
+            return _fused_estimate(self, spec, z, None, frobenius)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             z_in = _with_grad_input(z, create_graph)
@@ -182,6 +232,11 @@ class ExactDivergence:
                     squares = squares + row.pow(2).sum(dim=1)
         return DivergenceEstimate(_finish(f, create_graph), divergence, squares)
 
+    def vector_jacobian(self, func, t, z, grad_f, grad_divergence, params):
+        """The estimate at (t, z) and the vector-Jacobian product of (f, divergence) with (grad_f,
+        grad_divergence) for z, ``params`` and t by the fused pass, or None (see ``_fused_vector_jacobian``)."""
+        return _fused_vector_jacobian(self, func, t, z, None, grad_f, grad_divergence, params)
+
 
 class HutchinsonDivergence(_NoiseEstimator):
     """eps^T (df/dz) eps with eps fixed per solve; Frobenius estimate |eps^T df/dz|^2.
@@ -195,13 +250,15 @@ class HutchinsonDivergence(_NoiseEstimator):
         fused_kernel: where the fused pass runs in the Triton kernel ``fastcnf.kernels.hutchinson``:
             ``None`` (default) on CUDA tensors only, ``True`` wherever the kernel supports the
             device, ``False`` never (the torch pass ``fastcnf.kernels.tangent_mlp`` runs instead).
+        compile: as ``ExactDivergence``'s, for the torch pass.
     """
 
-    def __init__(self, noise="gaussian", fused="auto", fused_kernel=None):
+    def __init__(self, noise="gaussian", fused="auto", fused_kernel=None, compile=False):
         super().__init__(noise)
         if fused_kernel not in (None, True, False):
             raise ValueError(f"fused_kernel must be None, True or False, got {fused_kernel!r}.")
         self.fused = _check_fused(fused)
+        self.compile = _check_compile(compile)
         self.fused_kernel = fused_kernel
         self.name = f"hutchinson-{noise}"
 
@@ -212,8 +269,7 @@ class HutchinsonDivergence(_NoiseEstimator):
             kernel = self._kernel(spec, z)
             if kernel is not None:
                 return DivergenceEstimate(*kernel.hutchinson_mlp(spec, 0.0, z, eps))
-            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z,
-                                                               eps[None]))
+            return _fused_estimate(self, spec, z, eps[None], False)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             z_in = _with_grad_input(z, create_graph)
@@ -222,6 +278,14 @@ class HutchinsonDivergence(_NoiseEstimator):
         divergence = _per_sample_sum(eps_jac * eps)
         squares = _per_sample_sum(eps_jac.pow(2)) if frobenius else None
         return DivergenceEstimate(_finish(f, create_graph), divergence, squares)
+
+    def vector_jacobian(self, func, t, z, grad_f, grad_divergence, params):
+        """As ``ExactDivergence.vector_jacobian`` with the current noise as the probe; None where the
+        Triton kernel evaluates the estimate (it has its own backward)."""
+        if self.fused_kernel is True or (self.fused_kernel is None and z.device.type == "cuda"):
+            return None
+        return _fused_vector_jacobian(self, func, t, z, self._current_noise(z)[None], grad_f, grad_divergence,
+                                      params)
 
     def _kernel(self, spec, z):
         """The Triton kernel module when it should evaluate ``spec`` on ``z``, else None."""

@@ -107,6 +107,21 @@ class CNFDynamics(nn.Module):
         dlogp = -estimate.divergence.to(logp.dtype).reshape(logp.shape)
         return (estimate.f, dlogp, *(r.rate(estimate).to(z.dtype) for r in self.state_regularizers))
 
+    def adjoint_vjp(self, t, state, cotangent, params):
+        """``odeint_adjoint``'s vector-Jacobian product by the estimator's fused pass (``fastcnf.ode.dynamics``):
+        ((f, dlogp), (c^T d/dz, 0), [c^T d/dp], c^T d/dt) for the cotangent c = (c_z, c_logp); None (autograd)
+        with state regularizers or where the estimator has no fused pass for the net."""
+        vector_jacobian = getattr(self.estimator, "vector_jacobian", None)
+        if self.state_regularizers or vector_jacobian is None:
+            return None
+        (z, logp), (grad_z, grad_logp) = state, cotangent
+        result = vector_jacobian(self.net, t, z, grad_z, -grad_logp.reshape(-1).to(z.dtype), params)  # dlogp = -div
+        if result is None:
+            return None
+        estimate, vjp_z, vjp_params, vjp_t = result
+        dlogp = -estimate.divergence.to(logp.dtype).reshape(logp.shape)
+        return (estimate.f, dlogp), (vjp_z, torch.zeros_like(logp)), vjp_params, vjp_t
+
 
 class Flow(nn.Module):
     """Density, sampling and regularization shared by ``CNF`` and ``SequentialFlow``.

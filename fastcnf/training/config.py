@@ -62,6 +62,7 @@ class TrainConfig:
     controller: str = "integral"  # PI takes more forward NFE per iteration at the same tolerance (BENCHMARKS.md)
     divergence: str = "auto"
     test_divergence: str = "auto"
+    compile: bool = False  # torch.compile the fused divergence pass of the training solves (fastcnf.cnf.compiled)
     kinetic: float = None
     jacobian: float = None
     tpr_weight: float = None
@@ -150,6 +151,9 @@ class TrainConfig:
             raise ConfigError(f"controller {self.controller!r} needs an adaptive solver; {self.solver!r} takes fixed "
                               "steps.")
         _choice("divergence", self.divergence, DIVERGENCE_CHOICES)
+        if self.compile and (self.divergence.startswith("fd-") or self.method == "jko"):
+            raise ConfigError("compile needs the exact or a Hutchinson divergence (the fused pass) and a method other "
+                              f"than jko; got divergence {self.divergence!r} with method {self.method!r}.")
         _choice("test divergence", self.test_divergence, DIVERGENCE_CHOICES)
         _choice("time regularizer", self.time_regularizer, TIME_REGULARIZERS)
         _choice("time schedule", self.time_schedule, TIME_SCHEDULES)

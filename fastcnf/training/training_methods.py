@@ -23,6 +23,7 @@ iteration which block trains. ``fastcnf.training.registry`` lists them all by na
 
 import torch
 
+from ..cnf.divergence import make_estimator
 from ..cnf.flow import CNF, SequentialFlow, SolverSettings
 from ..cnf.nets import ODEnet
 from ..cnf.regularizers import JacobianFrobenius, KineticEnergy, TrajectoryPolynomial
@@ -63,7 +64,8 @@ def build_flow(config, dim, end_time_factory, regularizers):
     blocks = []
     for _ in range(config.blocks):
         net = ODEnet(dim, config.hidden, config.layer, config.activation)
-        blocks.append(CNF(net, end_time_factory(), divergence, test_divergence, regularizers,
+        train = make_estimator(divergence, compile=True) if config.compile else divergence
+        blocks.append(CNF(net, end_time_factory(), train, test_divergence, regularizers,
                           _solver_settings(config, test=False), _solver_settings(config, test=True)))
     return SequentialFlow(blocks)
 

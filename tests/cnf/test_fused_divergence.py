@@ -1,11 +1,14 @@
 """The fused divergence pass of the exact and Hutchinson estimators for ODEnet (every layer kind and
 activation) against the autograd reference estimators, float64 finite differences (gradcheck, with t),
-and whole CNF solves under odeint_adjoint and plain backpropagation."""
+whole CNF solves under odeint_adjoint and plain backpropagation, and the adjoint's backward steps by the
+fused pass's own vector-Jacobian product."""
 
 import pytest
 import torch
 
-from fastcnf.cnf import CNF, JKOFlow, SolverSettings, TerminalTime
+import fastcnf
+from fastcnf.cnf import CNF, JKOFlow, KineticEnergy, SolverSettings, TerminalTime, TrajectoryPolynomial
+from fastcnf.cnf.flow import CNFDynamics
 from fastcnf.cnf.divergence import ExactDivergence, HutchinsonDivergence
 from fastcnf.cnf.nets import ODEnet
 from fastcnf.kernels import tangent_mlp
@@ -162,3 +165,43 @@ def test_jko_flow_blocks_use_the_fused_pass(monkeypatch):
                    test_divergence="exact")
     flow.eval().log_prob(_state(6, 2))
     assert calls
+
+
+def _adjoint_cnf_gradients(estimator, layers, regularizers=()):
+    """Loss, gradients for x, every weight and T, and the backward evaluation count of a float64 CNF
+    under odeint_adjoint (a TPR regularizer adds output times)."""
+    torch.manual_seed(0)
+    net = ODEnet(2, (16, 16), layers, "softplus").double()
+    cnf = CNF(net, TerminalTime(0.7), estimator, regularizers=regularizers,
+              train_solver=SolverSettings("dopri5", 1e-8, 1e-8, adjoint=True))
+    x = _state(32, 2, seed=5).requires_grad_()
+    torch.manual_seed(3)
+    with fastcnf.track() as stats:
+        loss = -cnf.log_prob(x).mean() + cnf.regularization()
+        grads = torch.autograd.grad(loss, [x, *cnf.parameters()])
+    return loss.detach(), grads, stats.nfe_backward
+
+
+@pytest.mark.parametrize("regularizers", [(), "kinetic", "tpr"])
+@pytest.mark.parametrize("kind", ["exact", "hutchinson"])
+@pytest.mark.parametrize("layers", LAYERS)
+def test_adjoint_steps_take_the_fused_vector_jacobian_without_autograd(monkeypatch, layers, kind, regularizers):
+    """Every backward evaluation of odeint_adjoint takes the fused pass's own vector-Jacobian product
+    (no TangentMLP graph node is differentiated), with the gradients and evaluation counts of the autograd
+    path over the same fused pass; a state regularizer (kinetic energy) leaves it to autograd."""
+    regs = {(): (), "kinetic": (KineticEnergy(0.1),), "tpr": (TrajectoryPolynomial(0.5),)}[regularizers]
+    estimator = ExactDivergence if kind == "exact" else HutchinsonDivergence
+    calls = {"direct": 0, "graph": 0}
+    direct, graph = estimator.vector_jacobian, tangent_mlp.TangentMLP.backward
+    monkeypatch.setattr(estimator, "vector_jacobian",
+                        lambda *args: calls.__setitem__("direct", calls["direct"] + 1) or direct(*args))
+    monkeypatch.setattr(tangent_mlp.TangentMLP, "backward", staticmethod(
+        lambda *args: calls.__setitem__("graph", calls["graph"] + 1) or graph(*args)))
+    loss, grads, nfe = _adjoint_cnf_gradients(estimator(), layers, regs)
+    assert (calls["direct"], calls["graph"]) == ((0, nfe) if regularizers == "kinetic" else (nfe, 0))
+    monkeypatch.setattr(CNFDynamics, "adjoint_vjp", lambda *args: None)  # autograd over the same fused pass
+    expected_loss, expected_grads, expected_nfe = _adjoint_cnf_gradients(estimator(), layers, regs)
+    assert nfe == expected_nfe
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

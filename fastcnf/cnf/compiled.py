@@ -1,5 +1,6 @@
-"""``torch.compile``d twins of the fused divergence pass (opt-in: ``compile=True`` on the exact and
-Hutchinson estimators, ``--compile`` in training).
+"""``torch.compile`` for the fused divergence pass (opt-in: ``compile=True`` on the exact and
+Hutchinson estimators, ``--compile`` in training; the passes are ``fastcnf.cnf.divergence.odenet_values``
+and ``odenet_vector_jacobian``).
 
 In eager mode a CPU evaluation of the fused pass at batch 512 is about a third matrix products and
 two thirds the fixed cost of some 50 (forward) or 180 (vector-Jacobian product) small tensor
@@ -14,9 +15,7 @@ import warnings
 
 import torch
 
-from ..kernels import tangent_mlp
-
-__all__ = ["CompileWarning", "CompiledPass", "COMPILED_VALUES", "COMPILED_VJP"]
+__all__ = ["CompileWarning", "CompiledPass"]
 
 
 class CompileWarning(UserWarning):
@@ -44,7 +43,3 @@ class CompiledPass:
                               f"{str(error).splitlines()[0] if str(error) else ''}); it runs eagerly.",
                               CompileWarning, stacklevel=2)
         return self.function(*args)
-
-
-COMPILED_VALUES = CompiledPass(tangent_mlp.tangent_values)
-COMPILED_VJP = CompiledPass(tangent_mlp.tangent_vjp)

@@ -44,7 +44,8 @@ import torch
 
 from ..kernels import tangent_mlp
 from ..ode.backend import select_backend
-from .compiled import COMPILED_VALUES, COMPILED_VJP
+from .compiled import CompiledPass
+from .nets import ODEnet, fold_layers, unfold_layers
 from .noise import NOISES, estimator_noise
 
 __all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
@@ -118,41 +119,69 @@ def fused_spec(func, t, z):
     return spec
 
 
+def odenet_values(kinds, activation, params, time, z, probes):
+    """``(f, trace)`` of an ``ODEnet`` (layer ``kinds``, its ``parameters()`` as ``params``) at the (1,)
+    ``time`` by the fused pass: a pure function of tensors, what ``torch.compile`` fuses whole."""
+    weights, biases, _ = fold_layers(kinds, params, time)
+    return tangent_mlp.tangent_values(weights, biases, activation, z, probes)
+
+
+def odenet_vector_jacobian(kinds, activation, params, time, z, probes, grad_f, grad_divergence):
+    """The fused pass of an ``ODEnet`` and the vector-Jacobian product of its (f, trace) with (grad_f (B, D),
+    grad_divergence (B,)) by hand: the fold of the parameters and time into layer weights, the pass and
+    its reverse recurrence, the fold's own backward. A pure function of tensors, no autograd:
+    ``(f, trace, grad_z, [gradient per parameter], grad_time (1,))``."""
+    weights, biases, saved = fold_layers(kinds, params, time)
+    f, trace, grad_z, grad_weights, grad_biases = tangent_mlp.tangent_vjp(weights, biases, activation, z, probes,
+                                                                          grad_f, grad_divergence)
+    grad_params, grad_time = unfold_layers(kinds, params, time, saved, grad_weights, grad_biases)
+    return f, trace, grad_z, grad_params, grad_time
+
+
+COMPILED_VALUES = CompiledPass(odenet_values)
+COMPILED_VJP = CompiledPass(odenet_vector_jacobian)
+
+
+def _odenet_inputs(func, z):
+    """The parameters of ``func`` when it is an ``ODEnet`` the fused pass can evaluate on ``z``, else None."""
+    if not isinstance(func, ODEnet) or z.ndim != 2 or z.dtype not in _FUSED_DTYPES:
+        return None
+    params = list(func.parameters())
+    if any(p.dtype != z.dtype or p.device != z.device for p in params):
+        return None
+    return params
+
+
 def _fused_vector_jacobian(estimator, func, t, z, probes, grad_f, grad_divergence, params):
-    """The fused pass and its vector-Jacobian product by the hand-derived backward, without an autograd
-    graph of the pass (what ``odeint_adjoint`` evaluates at every backward step).
-
-    Only the fold of the parameters and ``t`` into per-layer weights (``func.mlp_spec(t)``) goes through
-    autograd. Returns ``(DivergenceEstimate, grad_z (B, D), [grad per parameter or None], grad_t or None)``
-    for the cotangents ``grad_f`` (B, D) and ``grad_divergence`` (B,), or None where the fused pass does not
-    apply (``fused=False`` or no ``mlp_spec``).
+    """The fused pass of an ``ODEnet`` and its vector-Jacobian product by hand, without autograd (what
+    ``odeint_adjoint`` evaluates at every backward step; ``odenet_vector_jacobian``, compiled with
+    ``estimator.compile``). Returns ``(DivergenceEstimate, grad_z (B, D), [gradient of each of ``params``
+    or None], grad_t)`` for the cotangents ``grad_f`` (B, D) and ``grad_divergence`` (B,), or None where it
+    does not apply (``fused=False``, another network, another dtype or device).
     """
-    if estimator.fused is False:
+    net_params = None if estimator.fused is False else _odenet_inputs(func, z)
+    if net_params is None:
         return None
-    with torch.enable_grad():
-        time = t.detach().requires_grad_(True)
-        spec = fused_spec(func, time, z)
-    if spec is None:
-        return None
-    weights, biases = [w.detach() for w in spec.weights], [b.detach() for b in spec.biases]
-    vjp = COMPILED_VJP if estimator.compile else tangent_mlp.tangent_vjp
-    f, trace, grad_z, grad_weights, grad_biases = vjp(weights, biases, spec.activation, z, probes, grad_f,
-                                                      grad_divergence)
-    pairs = [(tensor, grad) for tensor, grad in zip(spec.weights + spec.biases, grad_weights + grad_biases)
-             if tensor.requires_grad]
-    sources = (*params, time)
-    grads = (torch.autograd.grad([tensor for tensor, _ in pairs], sources, [grad for _, grad in pairs],
-                                 allow_unused=True) if pairs else (None,) * len(sources))
-    return DivergenceEstimate(f, trace), grad_z, list(grads[:-1]), grads[-1]
+    time = t.detach().to(z.dtype).reshape(1)
+    vjp = COMPILED_VJP if estimator.compile else odenet_vector_jacobian
+    f, trace, grad_z, grad_params, grad_time = vjp(func.kinds, func.activation, net_params, time, z, probes, grad_f,
+                                                   grad_divergence)
+    by_id = {id(param): grad for param, grad in zip(net_params, grad_params)}
+    return DivergenceEstimate(f, trace), grad_z, [by_id.get(id(param)) for param in params], grad_time.reshape(())
 
 
-def _fused_estimate(estimator, spec, z, probes, frobenius):
-    """The fused pass's estimate; compiled (``estimator.compile``) where no gradient flows through it."""
-    tensors = (z, *spec.weights, *spec.biases)
-    if estimator.compile and not frobenius and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return DivergenceEstimate(*COMPILED_VALUES(list(spec.weights), list(spec.biases), spec.activation, z, probes))
-    return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z, probes,
-                                                       frobenius))
+def _compiled_estimate(estimator, func, t, z, probes, frobenius):
+    """The estimate of the compiled fused pass (``estimator.compile``, ``odenet_values``) for an ``ODEnet``
+    where no gradient flows through it (no Frobenius norm), else None."""
+    if not estimator.compile or estimator.fused is False or frobenius:
+        return None
+    params = _odenet_inputs(func, z)
+    if params is None:
+        return None
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (t, z, *params)):
+        return None
+    time = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(1)
+    return DivergenceEstimate(*COMPILED_VALUES(func.kinds, func.activation, params, time, z, probes))
 
 
 def _required_spec(estimator, func, t, z):
@@ -212,9 +241,13 @@ class ExactDivergence:
         """Nothing to draw; present so every estimator can be driven the same way."""
 
     def __call__(self, func, t, z, frobenius=False):
+        estimate = _compiled_estimate(self, func, t, z, None, frobenius)
+        if estimate is not None:
+            return estimate
         spec = _required_spec(self, func, t, z)
         if spec is not None:
-            return _fused_estimate(self, spec, z, None, frobenius)
+            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z, None,
+                                                               frobenius))
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             z_in = _with_grad_input(z, create_graph)
@@ -264,12 +297,16 @@ class HutchinsonDivergence(_NoiseEstimator):
 
     def __call__(self, func, t, z, frobenius=False):
         eps = self._current_noise(z)
+        estimate = None if self._wants_kernel(z) else _compiled_estimate(self, func, t, z, eps[None], frobenius)
+        if estimate is not None:
+            return estimate
         spec = None if frobenius else _required_spec(self, func, t, z)
         if spec is not None:
             kernel = self._kernel(spec, z)
             if kernel is not None:
                 return DivergenceEstimate(*kernel.hutchinson_mlp(spec, 0.0, z, eps))
-            return _fused_estimate(self, spec, z, eps[None], False)
+            return DivergenceEstimate(*tangent_mlp.tangent_mlp(spec.weights, spec.biases, spec.activation, z,
+                                                               eps[None]))
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             z_in = _with_grad_input(z, create_graph)
@@ -282,14 +319,18 @@ class HutchinsonDivergence(_NoiseEstimator):
     def vector_jacobian(self, func, t, z, grad_f, grad_divergence, params):
         """As ``ExactDivergence.vector_jacobian`` with the current noise as the probe; None where the
         Triton kernel evaluates the estimate (it has its own backward)."""
-        if self.fused_kernel is True or (self.fused_kernel is None and z.device.type == "cuda"):
+        if self._wants_kernel(z):
             return None
         return _fused_vector_jacobian(self, func, t, z, self._current_noise(z)[None], grad_f, grad_divergence,
                                       params)
 
+    def _wants_kernel(self, z):
+        """Whether the Triton kernel is asked for on ``z``'s device (``fused_kernel``)."""
+        return self.fused_kernel is True or (self.fused_kernel is None and z.device.type == "cuda")
+
     def _kernel(self, spec, z):
         """The Triton kernel module when it should evaluate ``spec`` on ``z``, else None."""
-        if self.fused_kernel is False or (self.fused_kernel is None and z.device.type != "cuda"):
+        if not self._wants_kernel(z):
             return None
         if select_backend(z.device) != "triton":
             return None

@@ -28,7 +28,8 @@ from torch.autograd.function import once_differentiable
 from ..ode.validation import require_choice, require_positive_int
 from .mlp_spec import MLPSpec
 
-__all__ = ["ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "ODEnet", "SquashFold", "LAYERS", "ACTIVATIONS"]
+__all__ = ["ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "ODEnet", "SquashFold", "LAYERS", "ACTIVATIONS",
+           "fold_layers", "unfold_layers"]
 
 
 def _time_column(t, x):
@@ -120,21 +121,89 @@ class SquashFold(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         time, bias, gate_weight, shift, gate, *weights = ctx.saved_tensors
-        count, sizes = len(weights), ctx.sizes
-        grad_weights_eff, grad_bias_eff = grads[:count], torch.cat(grads[count:])
-        gates = gate.split(sizes)
-        grad_gate = torch.cat([(g * w).sum(dim=1) for g, w in zip(grad_weights_eff, weights)])
-        grad_pre = grad_gate.addcmul_(grad_bias_eff, bias).mul_(gate * (1 - gate))  # through the sigmoid
-        grad_time = (grad_pre.dot(gate_weight) + grad_bias_eff.dot(shift)).reshape(1)
-        grad_bias = (grad_bias_eff * gate).split(sizes)
-        grad_gate_weight = (grad_pre * time).split(sizes)
-        grad_shift = (grad_bias_eff * time).split(sizes)
-        grad_gate_bias = grad_pre.split(sizes)
-        grad_params = []
-        for layer, (grad_weight_eff, g) in enumerate(zip(grad_weights_eff, gates)):
-            grad_params += [grad_weight_eff * g[:, None], grad_bias[layer], grad_gate_weight[layer][:, None],
-                            grad_gate_bias[layer], grad_shift[layer][:, None]]
+        count = len(weights)
+        grad_params, grad_time = _unfold_packed(time, (weights, bias, gate_weight, shift, gate, ctx.sizes),
+                                                grads[:count], grads[count:])
         return (grad_time, *grad_params)
+
+
+def _unfold_packed(time, saved, grad_weights_eff, grad_biases_eff):
+    """The vector-Jacobian product of ``_fold_packed``: ([gradient of each of the five parameters per layer],
+    gradient of the (1,) time) for the gradients of every layer's W_eff and b_eff."""
+    weights, bias, gate_weight, shift, gate, sizes = saved
+    grad_bias_eff = torch.cat(list(grad_biases_eff))
+    gates = gate.split(sizes)
+    grad_gate = torch.cat([(g * w).sum(dim=1) for g, w in zip(grad_weights_eff, weights)])
+    grad_pre = grad_gate.addcmul_(grad_bias_eff, bias).mul_(gate * (1 - gate))  # through the sigmoid
+    grad_time = (grad_pre.dot(gate_weight) + grad_bias_eff.dot(shift)).reshape(1)
+    grad_bias = (grad_bias_eff * gate).split(sizes)
+    grad_gate_weight = (grad_pre * time).split(sizes)
+    grad_shift = (grad_bias_eff * time).split(sizes)
+    grad_gate_bias = grad_pre.split(sizes)
+    grad_params = []
+    for layer, (grad_weight_eff, g) in enumerate(zip(grad_weights_eff, gates)):
+        grad_params += [grad_weight_eff * g[:, None], grad_bias[layer], grad_gate_weight[layer][:, None],
+                        grad_gate_bias[layer], grad_shift[layer][:, None]]
+    return grad_params, grad_time
+
+
+PARAMETER_COUNTS = {"concat": 2, "concatsquash": 5, "ignore": 2}  # per layer kind, in ``parameters()`` order
+
+
+def fold_layers(kinds, params, time):
+    """The layers of an ``ODEnet`` of layer ``kinds`` at the (1,) tensor ``time`` as affine maps, without
+    autograd: ``(weights, biases, saved)`` with ``params`` the net's parameters in ``parameters()`` order
+    (W, b per concat or ignore layer; W, b, a, c, d per concatsquash layer). The concatsquash layers fold
+    together (``_fold_packed``); ``saved`` is what ``unfold_layers`` needs."""
+    per_layer = _split_parameters(kinds, params)
+    squash = [p for kind, layer in zip(kinds, per_layer) if kind == "concatsquash" for p in layer]
+    folded, packed = _fold_packed(time, squash) if squash else ((), None)
+    count = len(folded) // 2
+    squash_weights, squash_biases = iter(folded[:count]), iter(folded[count:])
+    weights, biases = [], []
+    for kind, layer in zip(kinds, per_layer):
+        if kind == "concatsquash":
+            weight, bias = next(squash_weights), next(squash_biases)
+        elif kind == "concat":
+            weight, bias = layer[0][:, 1:], torch.addcmul(layer[1], layer[0][:, 0], time)
+        else:
+            weight, bias = layer
+        weights.append(weight)
+        biases.append(bias)
+    return weights, biases, packed
+
+
+def unfold_layers(kinds, params, time, saved, grad_weights, grad_biases):
+    """The vector-Jacobian product of ``fold_layers``: ([gradient per parameter, in ``params`` order],
+    gradient of the (1,) time) for the gradients of every layer's W_eff and b_eff."""
+    per_layer = _split_parameters(kinds, params)
+    squash = [k for k, kind in enumerate(kinds) if kind == "concatsquash"]
+    squash_grads = iter(())
+    grad_time = torch.zeros_like(time)
+    if squash:
+        grads, grad_time = _unfold_packed(time, saved, [grad_weights[k] for k in squash],
+                                          [grad_biases[k] for k in squash])
+        squash_grads = iter(grads)
+    grad_params = []
+    for kind, layer, grad_weight, grad_bias in zip(kinds, per_layer, grad_weights, grad_biases):
+        if kind == "concatsquash":
+            grad_params += [next(squash_grads) for _ in range(PARAMETER_COUNTS[kind])]
+        elif kind == "concat":  # W[:, 0] t enters the bias
+            grad_params += [torch.cat([(grad_bias * time)[:, None], grad_weight], dim=1), grad_bias]
+            grad_time = grad_time + grad_bias.dot(layer[0][:, 0]).reshape(1)
+        else:
+            grad_params += [grad_weight, grad_bias]
+    return grad_params, grad_time
+
+
+def _split_parameters(kinds, params):
+    layers, start = [], 0
+    for kind in kinds:
+        layers.append(tuple(params[start:start + PARAMETER_COUNTS[kind]]))
+        start += PARAMETER_COUNTS[kind]
+    if start != len(params):
+        raise ValueError(f"layers {kinds} take {start} parameters, got {len(params)}.")
+    return layers
 
 
 class IgnoreLinear(nn.Module):

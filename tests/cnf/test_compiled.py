@@ -10,6 +10,7 @@ import torch
 import fastcnf
 from fastcnf.cnf import CNF, ODEnet, SolverSettings
 from fastcnf.cnf import compiled as compiled_module
+from fastcnf.cnf import divergence as divergence_module
 from fastcnf.cnf.divergence import ExactDivergence, HutchinsonDivergence
 from fastcnf.kernels import tangent_mlp
 from fastcnf.training.cli import build_parser
@@ -32,7 +33,7 @@ def _adjoint_step(estimator, seed=0):
 def test_the_compiled_pass_trains_like_the_eager_pass(monkeypatch, estimator):
     calls = []
     for name in ("COMPILED_VALUES", "COMPILED_VJP"):
-        monkeypatch.setattr(f"fastcnf.cnf.divergence.{name}", _Counting(getattr(compiled_module, name), name, calls))
+        monkeypatch.setattr(f"fastcnf.cnf.divergence.{name}", _Counting(getattr(divergence_module, name), name, calls))
     with warnings.catch_warnings():
         warnings.simplefilter("error", compiled_module.CompileWarning)  # the compiler must work here
         loss, grads, nfe = _adjoint_step(estimator(compile=True))

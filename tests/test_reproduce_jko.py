@@ -128,3 +128,9 @@ def test_time_to_reach_reads_the_first_validation_point_at_or_below_on_the_budge
     scale = 0.8 if clock == "thread" else 1.0
     assert jko.time_to_reach(run, 2.5) == 5.0 * scale and jko.time_to_reach(run, 2.05) == 10.0 * scale
     assert jko.time_to_reach(run, 1.9) is None
+
+
+def test_growth_and_final_nll_split_a_run_at_the_end_of_its_growing_pass():
+    validation = {"iteration": np.array([0.0, 10.0, 20.0, 30.0, 40.0]), "nll": np.array([5.0, 4.0, 3.5, 3.4, 3.3])}
+    run = Run({"config": {"jko_block_iterations": 4}}, {}, validation)  # 6 blocks x 4: growing ends at 24
+    assert jko.growth_and_final_nll(run) == (3.5, 3.3)

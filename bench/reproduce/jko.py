@@ -23,13 +23,13 @@ budget. The budget clock (``--clock``) is the CPU time of the training thread by
 which other processes disturb little, so ``--jobs 2`` may share the machine; with ``--clock wall``
 (the default on CUDA) use ``--jobs 1`` so that wall time is not shared.
 
-Runtime (``--jobs 1``, 2-core AMD EPYC): the JKO arms of seed 0 at 8gaussians=280 and digits=140
-took 40 + 49 + 61 s and 32 + 31 + 39 s of training CPU, plus about 5-15 s of evaluation each; F
-adds the longest of them. The full protocol scaled to about 33 minutes on an otherwise idle
-machine; at a load of 8 on the 2 cores, wall times stretched 2-4x:
+Runtime (2-core AMD EPYC, one torch thread per run): the full protocol (the defaults) took 74 minutes
+with ``--jobs 2`` while tests and profiles shared the machine (load 2-4): 1.41 h of training CPU time
+and 2.36 h of wall time including evaluation, summed over the 36 runs (a 2-D JKO arm about 135-170 s of training CPU, a
+digits arm 115-120 s). A scaled-down run for a first look (about 33 minutes with ``--jobs 1``):
 
     python -m bench.reproduce.jko --jko-iterations 8gaussians=280 checkerboard=280 digits=140 \
-        --validations 4 --mmd-points 1000 --jobs 1
+        --validations 4 --mmd-points 1000
 
 Every model is evaluated the same way: test NLL with dopri5 at rtol = atol = 1e-6 (JKO-iFlow's
 blocks are trained with 4 rk4 steps but evaluated with dopri5), MMD^2 between ``--mmd-points``
@@ -70,7 +70,7 @@ from .harness import Arm, ArmHooks, Budget, Protocol, run_arm
 from .report import Column, MethodReport, arms_of, save_figure, spread, write_report
 
 __all__ = ["DATASETS", "SEEDS", "JKO_ITERATIONS", "arms", "build_protocol", "run", "jko_budget", "ffjord_budget",
-           "time_to_reach", "JKOHooks", "JKOReport",
+           "time_to_reach", "growth_and_final_nll", "JKOHooks", "JKOReport",
            "REPORT", "main"]
 
 DATASETS = ("8gaussians", "checkerboard", "digits")
@@ -348,6 +348,14 @@ def time_to_reach(run, nll):
     return float(run.validation[_clock_key(run.summary)][below[0]]) if len(below) else None
 
 
+def growth_and_final_nll(run):
+    """(validation NLL at the last validation point within the growing pass, final validation NLL) of a JKO run:
+    what the passes after growing (reparameterization, refinement) changed."""
+    grown_at = BLOCKS * run.summary["config"]["jko_block_iterations"]
+    iterations, nll = run.validation["iteration"], run.validation["nll"]
+    return float(nll[np.flatnonzero(iterations <= grown_at)[-1]]), float(nll[-1])
+
+
 def _by_arm(runs):
     return {name: group for name, _, group in arms_of(runs)}
 
@@ -459,6 +467,11 @@ class JKOReport(MethodReport):
 
     def _pass_targets(self, dataset, groups):
         lines = []
+        for name in ("R", "RR"):
+            if name in groups:
+                grown, final = (_mean_std(groups[name], lambda run, k=k: growth_and_final_nll(run)[k])[0] for k in (0, 1))
+                lines.append(f"- {dataset}, {name}: validation NLL {grown:.3f} at the end of its growing pass, {final:.3f} "
+                             f"at the end ({final - grown:+.3f} nats from the later passes).")
         for new, old, what in (("R", "G", "reparameterization"), ("RR", "R", "refinement")):
             if new not in groups or old not in groups:
                 continue

@@ -26,12 +26,13 @@ and the trace (``fastcnf.kernels.tangent_mlp``: D unit probes for the exact trac
 Hutchinson's) with a hand-derived backward, so the vector-Jacobian products of a backward pass or an
 adjoint solve do not differentiate an autograd graph twice. On CUDA with the Triton backend
 Hutchinson's estimate runs in the fused Triton kernel ``fastcnf.kernels.hutchinson`` where its
-``supports(spec, device)`` holds (``fused_kernel``). Under ``odeint_adjoint`` the
-backward steps take the fused pass's vector-Jacobian product directly (``vector_jacobian``, called by
-``fastcnf.cnf.flow.CNFDynamics.adjoint_vjp``): only the fold of the parameters and t into the layer
-weights goes through autograd. With ``compile=True`` the fused pass of solves without gradients and of
-those adjoint steps runs compiled by ``torch.compile`` (``fastcnf.cnf.compiled``). Any other network,
-and ``fused=False``, takes the autograd path above, which stays the reference the fused pass is tested against. The fused
+``supports(spec, device)`` holds (``fused_kernel``). Under ``odeint_adjoint`` a backward step of an
+``ODEnet`` is one function without autograd (``odenet_vector_jacobian``, reached through
+``vector_jacobian`` and ``fastcnf.cnf.flow.CNFDynamics.adjoint_vjp``): the fold of the parameters and t
+into layer weights, the pass, its reverse recurrence and the fold's backward, all by hand. With
+``compile=True`` that function and the forward pass of solves without gradients (``odenet_values``)
+run compiled by ``torch.compile`` (``fastcnf.cnf.compiled``). Any other network, and ``fused=False``,
+takes the autograd path above, which stays the reference the fused pass is tested against. The fused
 pass evaluates tanh as 2 sigmoid(2x) - 1 and folds the time into the weights, so its values agree
 with the autograd path to rounding, not bit for bit.
 """

@@ -4,6 +4,7 @@ TO-FLOW's trainable terminal time, FFJORD-style networks and the JKO-iFlow model
 Built on ``fastcnf.ode``; nothing here imports the training application.
 """
 
+from .compiled import CompileWarning
 from .divergence import (
                          ESTIMATORS,
                          DivergenceEstimate,
@@ -33,7 +34,7 @@ from .toflow import CoordinateDescent, TerminalTime, terminal_times, time_optimi
 __all__ = [
     "CNF", "CNFDynamics", "Flow", "SequentialFlow", "SolverSettings", "standard_normal_log_prob",
     "DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence", "ESTIMATORS",
-    "make_estimator", "noise_source",
+    "make_estimator", "noise_source", "CompileWarning",
     "KineticEnergy", "JacobianFrobenius", "TrajectoryPolynomial",
     "TerminalTime", "CoordinateDescent", "terminal_times", "time_optimizer",
     "ODEnet", "ConcatLinear", "ConcatSquashLinear", "IgnoreLinear", "MLPSpec",

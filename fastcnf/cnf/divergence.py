@@ -165,8 +165,9 @@ def _fused_vector_jacobian(estimator, func, t, z, probes, grad_f, grad_divergenc
         return None
     time = t.detach().to(z.dtype).reshape(1)
     vjp = COMPILED_VJP if estimator.compile else odenet_vector_jacobian
-    f, trace, grad_z, grad_params, grad_time = vjp(func.kinds, func.activation, net_params, time, z, probes, grad_f,
-                                                   grad_divergence)
+    with torch.no_grad():  # the fold takes its autograd-free form (fold_layers)
+        f, trace, grad_z, grad_params, grad_time = vjp(func.kinds, func.activation, net_params, time, z, probes,
+                                                       grad_f, grad_divergence)
     by_id = {id(param): grad for param, grad in zip(net_params, grad_params)}
     return DivergenceEstimate(f, trace), grad_z, [by_id.get(id(param)) for param in params], grad_time.reshape(())
 

@@ -42,8 +42,21 @@ def _time_scalar(t, like):
     return torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(1)
 
 
-class ConcatLinear(nn.Module):
+class _TimeLayer(nn.Module):
+    """A layer of kind ``kind`` (a key of ``LAYERS``); ``affine(t)`` is its fold by ``fold_layers``."""
+
+    kind = None
+
+    def affine(self, t):
+        """(W, b) of the map x -> W x + b this layer is at time t (differentiable in the parameters and t)."""
+        weights, biases, _ = fold_layers((self.kind,), list(self.parameters()), _time_scalar(t, self.linear.weight))
+        return weights[0], biases[0]
+
+
+class ConcatLinear(_TimeLayer):
     """W [t, x] + b: a linear layer on the input with the time prepended as a column."""
+
+    kind = "concat"
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
@@ -52,14 +65,11 @@ class ConcatLinear(nn.Module):
     def forward(self, t, x):
         return self.linear(torch.cat([_time_column(t, x), x], dim=1))
 
-    def affine(self, t):
-        """(W, b) of the map x -> W x + b this layer is at time t."""
-        weight = self.linear.weight
-        return weight[:, 1:], torch.addcmul(self.linear.bias, weight[:, 0], _time_scalar(t, weight))
 
-
-class ConcatSquashLinear(nn.Module):
+class ConcatSquashLinear(_TimeLayer):
     """(W x + b) * sigmoid(a t + c) + d t: time gates each output and shifts it."""
+
+    kind = "concatsquash"
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
@@ -71,23 +81,6 @@ class ConcatSquashLinear(nn.Module):
         time = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1)
         return self.linear(x) * torch.sigmoid(self.gate(time)) + self.shift(time)
 
-    def fold_parameters(self):
-        """The parameters the fold reads: W, b, a, c, d."""
-        return self.linear.weight, self.linear.bias, self.gate.weight, self.gate.bias, self.shift.weight
-
-    def affine(self, t):
-        """(W, b) of the map x -> W x + b this layer is at time t (one ``SquashFold`` node under autograd)."""
-        return fold_squash_layers(_time_scalar(t, self.linear.weight), [self])[0]
-
-
-def fold_squash_layers(time, layers):
-    """[(W_eff, b_eff)] of concatsquash ``layers`` at the (1,) tensor ``time``; one graph node under autograd."""
-    params = [param for layer in layers for param in layer.fold_parameters()]
-    if torch.is_grad_enabled() and (time.requires_grad or any(param.requires_grad for param in params)):
-        folded = SquashFold.apply(time, *params)
-    else:
-        folded = _fold_packed(time, params)[0]
-    return list(zip(folded[:len(layers)], folded[len(layers):]))
 
 
 def _fold_packed(time, params):
@@ -151,13 +144,17 @@ PARAMETER_COUNTS = {"concat": 2, "concatsquash": 5, "ignore": 2}  # per layer ki
 
 
 def fold_layers(kinds, params, time):
-    """The layers of an ``ODEnet`` of layer ``kinds`` at the (1,) tensor ``time`` as affine maps, without
-    autograd: ``(weights, biases, saved)`` with ``params`` the net's parameters in ``parameters()`` order
-    (W, b per concat or ignore layer; W, b, a, c, d per concatsquash layer). The concatsquash layers fold
-    together (``_fold_packed``); ``saved`` is what ``unfold_layers`` needs."""
+    """The layers of an ``ODEnet`` of layer ``kinds`` at the (1,) tensor ``time`` as affine maps:
+    ``(weights, biases, saved)`` with ``params`` the net's parameters in ``parameters()`` order (W, b per
+    concat or ignore layer; W, b, a, c, d per concatsquash layer). The concatsquash layers fold together:
+    under autograd (when t or their parameters require grad) as one ``SquashFold`` node and ``saved`` None,
+    else by ``_fold_packed`` with ``saved`` what ``unfold_layers`` needs."""
     per_layer = _split_parameters(kinds, params)
     squash = [p for kind, layer in zip(kinds, per_layer) if kind == "concatsquash" for p in layer]
-    folded, packed = _fold_packed(time, squash) if squash else ((), None)
+    if squash and torch.is_grad_enabled() and (time.requires_grad or any(p.requires_grad for p in squash)):
+        folded, packed = SquashFold.apply(time, *squash), None
+    else:
+        folded, packed = _fold_packed(time, squash) if squash else ((), None)
     count = len(folded) // 2
     squash_weights, squash_biases = iter(folded[:count]), iter(folded[count:])
     weights, biases = [], []
@@ -206,8 +203,10 @@ def _split_parameters(kinds, params):
     return layers
 
 
-class IgnoreLinear(nn.Module):
+class IgnoreLinear(_TimeLayer):
     """W x + b, ignoring the time."""
+
+    kind = "ignore"
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
@@ -215,10 +214,6 @@ class IgnoreLinear(nn.Module):
 
     def forward(self, t, x):
         return self.linear(x)
-
-    def affine(self, t):
-        """(W, b) of the map x -> W x + b (the same at every time)."""
-        return self.linear.weight, self.linear.bias
 
 
 LAYERS = {"concat": ConcatLinear, "concatsquash": ConcatSquashLinear, "ignore": IgnoreLinear}
@@ -270,17 +265,12 @@ class ODEnet(nn.Module):
     def mlp_spec(self, t):
         """The net at time ``t`` (float or tensor) as an ``MLPSpec`` of affine layers (no time columns).
 
-        The effective weights and biases are computed from the parameters under autograd (all
-        concatsquash layers in one ``SquashFold`` node), so gradients through them reach the
-        parameters and ``t``.
+        The effective weights and biases come from ``fold_layers`` under autograd (all concatsquash
+        layers in one ``SquashFold`` node), so gradients through them reach the parameters and ``t``.
         """
         time = _time_scalar(t, self.layers[0].linear.weight)
-        squash = [layer for layer in self.layers if isinstance(layer, ConcatSquashLinear)]
-        folded = iter(fold_squash_layers(time, squash) if squash else ())
-        layers = [next(folded) if isinstance(layer, ConcatSquashLinear) else layer.affine(time)
-                  for layer in self.layers]
-        return MLPSpec(tuple(weight for weight, _ in layers), tuple(bias for _, bias in layers), self.activation,
-                       "none")
+        weights, biases, _ = fold_layers(self.kinds, list(self.parameters()), time)
+        return MLPSpec(tuple(weights), tuple(biases), self.activation, "none")
 
     def extra_repr(self):
         return f"dim={self.dim}, layers={'/'.join(self.kinds)}, activation={self.activation}"

@@ -124,7 +124,11 @@ class Dynamics:
     def __call__(self, t, y, perturb=Perturb.NONE):
         if BUDGETS:
             charge_evaluation()
-        out = self.func(self.user_time(t, perturb), self.layout.unflatten(y))
+        return self._flat_result(self.func(self.user_time(t, perturb), self.layout.unflatten(y)))
+
+    def _flat_result(self, out):
+        """Count one evaluation, check ``out`` the first time, and return it as an (N,) tensor in the state
+        dtype, negated in reverse-time solves."""
         self.nfe += 1
         if not self._checked:
             self._check_output(out)
@@ -166,16 +170,10 @@ class Dynamics:
             return None
         if BUDGETS:
             charge_evaluation()
-        self.nfe += 1
         out, vjp_y, vjp_params, vjp_t = result
-        if not self._checked:
-            self._check_output(out)
-        flat = self.layout.flatten(out)
-        if flat.dtype != self.dtype:
-            flat = flat.to(self.dtype)
         if vjp_t is not None and sign < 0:
             vjp_t = -vjp_t
-        return (flat if sign > 0 else -flat), self.layout.flatten(vjp_y), list(vjp_params), vjp_t
+        return self._flat_result(out), self.layout.flatten(vjp_y), list(vjp_params), vjp_t
 
     def user_time(self, t, perturb=Perturb.NONE):
         """The 0-dim time tensor passed to the user's function."""

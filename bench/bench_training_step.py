@@ -31,9 +31,16 @@ one compute thread; with 2, of both) and the wall time; the table reports median
 the median over rounds of the per-round ratio to torchdiffeq (robust against load that drifts
 while the benchmark runs). NFE (forward / backward) come from a counted run before the timing.
 The final loss of each variant is printed as a check that all of them compute the same thing.
+
+``--matmuls`` adds the floor the matrix products set: the products one step of each variant makes
+(recorded by torch.profiler with their shapes: ``aten::mm``, ``addmm``, ``bmm``) replayed alone on random
+operands of the same shapes, best CPU time of three replays, and that time over torchdiffeq's step. A
+variant cannot be faster than its products; where they alone are near half of torchdiffeq's step, a 0.5x
+step needs fewer or cheaper products, not less overhead.
 """
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -153,13 +160,49 @@ class Case:
         return float(loss), stats.nfe_forward, stats.nfe_backward
 
 
-def measure(case, variants, rounds, threads):
+MATMUL_OPS = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm}
+OPERANDS = {"aten::mm": 2, "aten::addmm": 3, "aten::bmm": 2}  # then an ``out=`` buffer, if any
+
+
+def matrix_products(step):
+    """{(op name, operand shapes): count} of the matrix products one call of ``step`` makes."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        step()
+    counts = collections.Counter()
+    for event in profile.events():
+        parent, nested = event.cpu_parent, False
+        while parent is not None and not nested:
+            nested, parent = parent.name in MATMUL_OPS, parent.cpu_parent
+        if event.name in MATMUL_OPS and not nested:
+            shapes = tuple(tuple(shape) for shape in event.input_shapes if shape)[:OPERANDS[event.name]]
+            counts[(event.name, shapes)] += 1
+    return counts
+
+
+def replay_products(counts, replays=3):
+    """Best CPU seconds of ``counts``'s products run alone on random float32 operands of their shapes."""
+    operands = {key: [torch.randn(shape) for shape in key[1]] for key in counts}
+    best = float("inf")
+    for _ in range(replays):
+        start = time.process_time()
+        for key, count in counts.items():
+            op, args = MATMUL_OPS[key[0]], operands[key]
+            for _ in range(count):
+                op(*args)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def measure(case, variants, rounds, threads, matmuls=False):
     torch.set_num_threads(threads)
     steps = {variant: case.step(variant) for variant in variants}
     rows = {}
     for variant, step in steps.items():
         loss, nfe_forward, nfe_backward = case.count(variant, step)
         rows[variant] = dict(loss=loss, nfe_forward=nfe_forward, nfe_backward=nfe_backward, cpu=[], wall=[])
+        if matmuls:
+            products = matrix_products(step)
+            rows[variant].update(matmul_calls=sum(products.values()), matmul_cpu=replay_products(products))
     for _ in range(rounds):
         for variant, step in steps.items():
             cpu, wall = time.process_time(), time.perf_counter()
@@ -171,6 +214,8 @@ def measure(case, variants, rounds, threads):
         for clock in ("cpu", "wall"):
             row[f"{clock}_median"] = statistics.median(row[clock])
             row[f"{clock}_ratio"] = statistics.median(a / b for a, b in zip(row[clock], baseline[clock]))
+        if matmuls:
+            row["matmul_ratio"] = row["matmul_cpu"] / baseline["cpu_median"]
     return rows
 
 
@@ -187,6 +232,8 @@ def main(argv=None):
     parser.add_argument("--controller", choices=("integral", "pi"), nargs="+", default=["integral", "pi"],
                         help="fastcnf variants to run: the default controller, the PI controller, or both")
     parser.add_argument("--compile", action="store_true", help="also run fastcnf with the fused pass compiled")
+    parser.add_argument("--matmuls", action="store_true",
+                        help="also time each variant's matrix products alone (the floor they set)")
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args(argv)
     variants = ["torchdiffeq", "fastcnf-dropin"] + [{"integral": "fastcnf", "pi": "fastcnf-pi"}[c]
@@ -196,8 +243,10 @@ def main(argv=None):
                                 torch=torch.__version__, fastcnf=fastcnf.__version__,
                                 torchdiffeq=torchdiffeq.__version__, weight_scale=args.weight_scale,
                                 rounds=args.rounds), cases=[])
-    print("| case | threads | variant | NFE fwd/bwd | loss | CPU s (median) | CPU ratio | wall s (median) | wall ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " products | products CPU s | products / torchdiffeq |" if args.matmuls else ""
+    print("| case | threads | variant | NFE fwd/bwd | loss | CPU s (median) | CPU ratio | wall s (median) | wall ratio |"
+          + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (3 * args.matmuls))
     for workload in args.workloads:
         for divergence in WORKLOADS[workload]["divergences"]:
             if divergence not in args.divergences:
@@ -205,12 +254,14 @@ def main(argv=None):
             for mode in args.modes:
                 case = Case(workload, divergence, mode, args.weight_scale, checkpoints.get(workload))
                 for threads in args.threads:
-                    rows = measure(case, variants, args.rounds, threads)
+                    rows = measure(case, variants, args.rounds, threads, args.matmuls)
                     results["cases"].append(dict(case=case.name, threads=threads, variants=rows))
                     for variant, row in rows.items():
+                        floor = (f" {row['matmul_calls']} | {row['matmul_cpu']:.3f} | {row['matmul_ratio']:.2f} |"
+                                 if args.matmuls else "")
                         print(f"| {case.name} | {threads} | {variant} | {row['nfe_forward']}/{row['nfe_backward']} | "
                               f"{row['loss']:.5f} | {row['cpu_median']:.3f} | {row['cpu_ratio']:.2f} | "
-                              f"{row['wall_median']:.3f} | {row['wall_ratio']:.2f} |", flush=True)
+                              f"{row['wall_median']:.3f} | {row['wall_ratio']:.2f} |" + floor, flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

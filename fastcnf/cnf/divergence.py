@@ -131,12 +131,13 @@ def odenet_vector_jacobian(kinds, activation, params, time, z, probes, grad_f, g
     """The fused pass of an ``ODEnet`` and the vector-Jacobian product of its (f, trace) with (grad_f (B, D),
     grad_divergence (B,)) by hand: the fold of the parameters and time into layer weights, the pass and
     its reverse recurrence, the fold's own backward. A pure function of tensors, no autograd:
-    ``(f, trace, grad_z, [gradient per parameter], grad_time (1,))``."""
+    ``(f, trace, grad_z, grad_params (P,), grad_time (1,))`` with the gradients of ``params`` flattened and
+    concatenated in their order (one buffer the adjoint state takes whole)."""
     weights, biases, saved = fold_layers(kinds, params, time)
     f, trace, grad_z, grad_weights, grad_biases = tangent_mlp.tangent_vjp(weights, biases, activation, z, probes,
                                                                           grad_f, grad_divergence)
     grad_params, grad_time = unfold_layers(kinds, params, time, saved, grad_weights, grad_biases)
-    return f, trace, grad_z, grad_params, grad_time
+    return f, trace, grad_z, torch.cat([grad.reshape(-1) for grad in grad_params]), grad_time
 
 
 COMPILED_VALUES = CompiledPass(odenet_values)
@@ -156,20 +157,48 @@ def _odenet_inputs(func, z):
 def _fused_vector_jacobian(estimator, func, t, z, probes, grad_f, grad_divergence, params):
     """The fused pass of an ``ODEnet`` and its vector-Jacobian product by hand, without autograd (what
     ``odeint_adjoint`` evaluates at every backward step; ``odenet_vector_jacobian``, compiled with
-    ``estimator.compile``). Returns ``(DivergenceEstimate, grad_z (B, D), [gradient of each of ``params``
-    or None], grad_t)`` for the cotangents ``grad_f`` (B, D) and ``grad_divergence`` (B,), or None where it
-    does not apply (``fused=False``, another network, another dtype or device).
+    ``estimator.compile``). Returns ``(DivergenceEstimate, grad_z (B, D), gradients of ``params``, grad_t)``
+    for the cotangents ``grad_f`` (B, D) and ``grad_divergence`` (B,), or None where it does not apply
+    (``fused=False``, another network, another dtype or device). The gradients of ``params`` are one flat
+    (P,) tensor when ``params`` are the net's parameters in order (the usual adjoint), else a list with
+    None for a parameter outside the net.
     """
-    net_params = None if estimator.fused is False else _odenet_inputs(func, z)
-    if net_params is None:
+    inputs = None if estimator.fused is False else estimator.adjoint_inputs.get(func, z, params)
+    if inputs is None:
         return None
+    net_params, aligned = inputs
     time = t.detach().to(z.dtype).reshape(1)
     vjp = COMPILED_VJP if estimator.compile else odenet_vector_jacobian
     with torch.no_grad():  # the fold takes its autograd-free form (fold_layers)
-        f, trace, grad_z, grad_params, grad_time = vjp(func.kinds, func.activation, net_params, time, z, probes,
-                                                       grad_f, grad_divergence)
-    by_id = {id(param): grad for param, grad in zip(net_params, grad_params)}
-    return DivergenceEstimate(f, trace), grad_z, [by_id.get(id(param)) for param in params], grad_time.reshape(())
+        f, trace, grad_z, grad_flat, grad_time = vjp(func.kinds, func.activation, net_params, time, z, probes,
+                                                     grad_f, grad_divergence)
+    if aligned:
+        grad_params = grad_flat
+    else:
+        grads = grad_flat.split([param.numel() for param in net_params])
+        by_id = {id(param): grad.view_as(param) for param, grad in zip(net_params, grads)}
+        grad_params = [by_id.get(id(param)) for param in params]
+    return DivergenceEstimate(f, trace), grad_z, grad_params, grad_time.reshape(())
+
+
+class _AdjointInputs:
+    """The parameters an adjoint solve hands the fused pass, looked up once per solve: ``odeint_adjoint``
+    passes the same ``params`` tuple at every backward step, so (net, state dtype and device, ``params``)
+    keep their answer for the solve; walking the net's modules at every step costs a few percent of it."""
+
+    def __init__(self):
+        self.func, self.params, self.state, self.value = None, None, None, None
+
+    def get(self, func, z, params):
+        """(the net's parameters, whether they are ``params`` in order) or None (see ``_odenet_inputs``)."""
+        state = (z.ndim, z.dtype, z.device)
+        if self.func is not func or self.params is not params or self.state != state:
+            net_params = _odenet_inputs(func, z)
+            aligned = net_params is not None and len(net_params) == len(params) and all(
+                a is b for a, b in zip(net_params, params))
+            self.func, self.params, self.state = func, params, state
+            self.value = None if net_params is None else (net_params, aligned)
+        return self.value
 
 
 def _compiled_estimate(estimator, func, t, z, probes, frobenius):
@@ -238,6 +267,7 @@ class ExactDivergence:
     def __init__(self, fused="auto", compile=False):
         self.fused = _check_fused(fused)
         self.compile = _check_compile(compile)
+        self.adjoint_inputs = _AdjointInputs()
 
     def resample(self, z):
         """Nothing to draw; present so every estimator can be driven the same way."""
@@ -294,6 +324,7 @@ class HutchinsonDivergence(_NoiseEstimator):
             raise ValueError(f"fused_kernel must be None, True or False, got {fused_kernel!r}.")
         self.fused = _check_fused(fused)
         self.compile = _check_compile(compile)
+        self.adjoint_inputs = _AdjointInputs()
         self.fused_kernel = fused_kernel
         self.name = f"hutchinson-{noise}"
 

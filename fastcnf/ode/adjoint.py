@@ -203,6 +203,7 @@ class AugmentedDynamics:
         self.sizes = sizes
         self.layout = StateLayout(torch.empty(sum(sizes), device="meta"))
         self.params = params
+        self.params_numel = sum(sizes[3:])
         self.numel = numel
         self.callbacks = callbacks
         self.real_dtype = dynamics.real_dtype
@@ -239,7 +240,13 @@ class AugmentedDynamics:
             f, vjp_y, vjp_params, vjp_t = direct
         if keep:
             self.first_f = f
-        vjp_params = [_zero_if_none(g, p).reshape(-1).to(state.dtype) for g, p in zip(vjp_params, self.params)]
+        if isinstance(vjp_params, torch.Tensor):  # already flat, in the order of self.params
+            if vjp_params.shape != (self.params_numel,):
+                raise ValueError(f"adjoint_vjp returned a flat parameter gradient of shape {tuple(vjp_params.shape)}; "
+                                 f"the parameters have {self.params_numel} elements.")
+            vjp_params = [vjp_params.to(state.dtype)]
+        else:
+            vjp_params = [_zero_if_none(g, p).reshape(-1).to(state.dtype) for g, p in zip(vjp_params, self.params)]
         vjp_t = state.new_zeros(1) if vjp_t is None else vjp_t.to(state.dtype).reshape(1)
         return -torch.cat([vjp_t, f, _zero_if_none(vjp_y, y), *vjp_params])
 

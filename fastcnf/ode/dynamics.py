@@ -13,7 +13,8 @@ A ``func`` may also supply its own vector-Jacobian product for ``odeint_adjoint`
 time, ``y`` and ``cotangent`` in the state's layout, ``params`` the adjoint parameters. It returns
 ``(f, c^T df/dy, [c^T df/dp per parameter, None for zero], c^T df/dt or None)`` with ``f = func(t, y)``
 and the first two in the state's layout, or None to let autograd differentiate ``func(t, y)``
-instead. ``fastcnf.cnf.CNFDynamics`` uses it to skip autograd's graph of the fused divergence pass.
+instead. The parameter gradients may also come as one flat tensor, each flattened and concatenated in
+``params`` order (what the adjoint state holds, so it is taken whole). ``fastcnf.cnf.CNFDynamics`` uses it to skip autograd's graph of the fused divergence pass.
 
 What ``func`` may return is what torchdiffeq accepts: for a tensor state a tensor of its shape; for
 a tuple state a tuple of tensors with as many elements as each entry (torchdiffeq flattens each
@@ -158,8 +159,9 @@ class Dynamics:
             params: the parameters to differentiate.
 
         Returns:
-            ``(F (N,), c^T dF/dy (N,), [c^T dF/dp or None per parameter], c^T dF/dt (0-dim) or None)``,
-            or None when ``func`` has no ``adjoint_vjp`` or declines (nothing is counted then).
+            ``(F (N,), c^T dF/dy (N,), [c^T dF/dp or None per parameter] or their flat concatenation (P,),
+            c^T dF/dt (0-dim) or None)``, or None when ``func`` has no ``adjoint_vjp`` or declines (nothing
+            is counted then).
         """
         if self.adjoint_vjp is None:
             return None
@@ -173,7 +175,9 @@ class Dynamics:
         out, vjp_y, vjp_params, vjp_t = result
         if vjp_t is not None and sign < 0:
             vjp_t = -vjp_t
-        return self._flat_result(out), self.layout.flatten(vjp_y), list(vjp_params), vjp_t
+        if not isinstance(vjp_params, torch.Tensor):
+            vjp_params = list(vjp_params)
+        return self._flat_result(out), self.layout.flatten(vjp_y), vjp_params, vjp_t
 
     def user_time(self, t, perturb=Perturb.NONE):
         """The 0-dim time tensor passed to the user's function."""

@@ -40,6 +40,20 @@ class RotationWithVJP(Rotation):
         return f, g @ self.A, [grads.get(id(p)) for p in params], (g * self.b).sum()
 
 
+class RotationWithFlatVJP(RotationWithVJP):
+    """The same vector-Jacobian product with the parameter gradients as one flat tensor in ``params`` order
+    (``size`` overrides its length, to check the size is checked)."""
+
+    def __init__(self, size=None):
+        super().__init__()
+        self.size = size
+
+    def adjoint_vjp(self, t, y, cotangent, params):
+        f, grad_y, grads, grad_t = super().adjoint_vjp(t, y, cotangent, params)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return f, grad_y, flat if self.size is None else flat.new_zeros(self.size), grad_t
+
+
 class TupleRotation(Rotation):
     """The same dynamics on a tuple state (y, s) with ds/dt = |y|^2 per row."""
 
@@ -117,3 +131,18 @@ def test_parameters_outside_the_function_get_zero_gradients():
     y = fastcnf.odeint_adjoint(func, y0, t, adjoint_params=(*func.parameters(), other))
     grads = torch.autograd.grad(y[-1].sum(), [func.A, other])
     assert func.calls > 0 and torch.equal(grads[1], torch.zeros(3, dtype=F64)) and grads[0].abs().sum() > 0
+
+
+def test_a_flat_parameter_gradient_is_taken_whole():
+    y0, t = torch.tensor([[0.3, -0.2], [1.0, 0.5]], dtype=F64), torch.tensor([0.0, 0.6, 1.0], dtype=F64)
+    func = RotationWithFlatVJP()
+    result = _gradients(func, y0, t)
+    assert func.calls == result[2].nfe_backward > 0
+    _assert_same(result, _gradients(Rotation(), y0, t))
+
+
+def test_a_flat_parameter_gradient_of_the_wrong_size_is_an_error():
+    y0, t = torch.tensor([[0.3, -0.2]], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    y = fastcnf.odeint_adjoint(RotationWithFlatVJP(size=5), y0, t)
+    with pytest.raises(ValueError, match="flat parameter gradient of shape \\(5,\\); the parameters have 6 elements"):
+        y[-1].sum().backward()

@@ -10,7 +10,8 @@ Bad input (unknown data or method, bad numbers, a missing or foreign checkpoint,
 in use, unwritable or holds something a new run would replace...) prints one line
 ``fastcnf <command>: error: ...`` and exits with status 2, like argparse's own errors. A training that
 diverges or stalls (``--max-nfe``) exits 1 with one line; Ctrl-C saves a checkpoint at the current
-iteration and exits 130 with one line (a second Ctrl-C stops at once, keeping the last checkpoint).
+iteration and exits 130 with one line (a second Ctrl-C, or one during the final evaluation, stops at once,
+keeping the last checkpoint).
 """
 
 import argparse
@@ -233,14 +234,17 @@ def _train(args):
 
 @contextlib.contextmanager
 def _stop_on_first_interrupt(trainer):
-    """Ctrl-C asks ``trainer`` to stop after the iteration in progress; a second one interrupts at once."""
+    """Ctrl-C in the training loop asks ``trainer`` to stop after the iteration in progress; a second one, or
+    one outside the loop (the final evaluation, after the last checkpoint was written), interrupts at once."""
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield  # not ours to handle (e.g. SIGINT ignored by the launcher)
         return
 
     def request_stop(signum, frame):
-        trainer.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not trainer.in_training_loop:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
 
     signal.signal(signal.SIGINT, request_stop)
     try:

@@ -202,6 +202,7 @@ class Trainer:
             self._restore(checkpoint)
         self._parallel_loss = None
         self.stop_requested = False
+        self.in_training_loop = False  # True while ``run`` iterates (a stop request is honoured there)
         if self.world.is_main:
             atomic_write_text(json.dumps(config.as_dict(), indent=2) + "\n", os.path.join(self.out, "config.json"))
 
@@ -310,6 +311,7 @@ class Trainer:
         config = self.config
         bar = tqdm(total=config.iterations, initial=self.iteration, disable=not self.progress, unit="it",
                    dynamic_ncols=True, mininterval=0.5, desc=f"{config.method} {config.data}")
+        self.in_training_loop = True
         try:
             while self.iteration < config.iterations and not self.training_method.finished(self.optimization):
                 row = self.train_step()
@@ -331,6 +333,7 @@ class Trainer:
                         self.save()
                     raise TrainingInterrupted(self.iteration, self.out)
         finally:
+            self.in_training_loop = False
             bar.close()
             self._parallel_loss = None
         return self.finish()

@@ -232,3 +232,23 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
     assert process.returncode == 130
     assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert stderr.startswith("fastcnf train: interrupted")
+
+
+@pytest.mark.parametrize("in_loop", [True, False], ids=["training-loop", "final-evaluation"])
+def test_a_first_ctrl_c_stops_after_the_iteration_in_the_loop_and_at_once_outside_it(in_loop):
+    """In the loop Ctrl-C only asks for a stop (the iteration in progress finishes and is checkpointed); in
+    the final evaluation, where nothing is left to checkpoint, it interrupts at once instead of being ignored."""
+    from types import SimpleNamespace
+
+    from fastcnf.training.cli import _stop_on_first_interrupt
+
+    trainer = SimpleNamespace(in_training_loop=in_loop, stop_requested=False)
+    interrupted = False
+    try:
+        with _stop_on_first_interrupt(trainer):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here, between two bytecodes of this thread
+    except KeyboardInterrupt:
+        interrupted = True
+    assert (interrupted, trainer.stop_requested) == ((False, True) if in_loop else (True, False))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

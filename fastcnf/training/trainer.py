@@ -175,7 +175,9 @@ class Trainer:
     Setting ``stop_requested`` (the command line does on Ctrl-C) ends ``run`` after the iteration in
     progress: it checkpoints that iteration (what a periodic checkpoint there would hold, so a resumed run
     continues bit for bit) and raises ``TrainingInterrupted``. An iteration whose solves evaluate the
-    dynamics more than ``config.max_nfe`` times (0: no limit) raises ``TrainingStalled``.
+    dynamics more than ``config.max_nfe`` times (0: no limit) raises ``TrainingStalled``; in a multi-process
+    run in every process together (the forward solves stop at the budget, the backward pass is counted after
+    it ends).
     """
 
     def __init__(self, config, progress=True, checkpoint=None, world=None):
@@ -265,18 +267,28 @@ class Trainer:
         self.iteration += 1
         batch = self.sampler.next().to(self.device)
         start = time.perf_counter()
-        budget = evaluation_budget(self.config.max_nfe) if self.config.max_nfe else contextlib.nullcontext()
-        with track() as stats, shard_draws(self.world.shard, self.config.batch_size), budget:
+        limit, distributed = self.config.max_nfe, self.world.distributed
+        with track() as stats, shard_draws(self.world.shard, self.config.batch_size), \
+                contextlib.ExitStack() as budget:
+            if limit:
+                budget.enter_context(evaluation_budget(limit))
             phase = self.optimization.begin(self.iteration - 1)
+            stalled = False
             try:
                 loss, metrics = self._batch_loss()(batch)
                 loss_value = loss.item()
-                if not self.world.all_true(math.isfinite(loss_value)):
-                    raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
+            except EvaluationBudgetError:
+                stalled = True
+            self._stop_if_stalled(stalled)
+            if distributed:  # a process cannot leave the backward pass's gradient exchange midway: the budget
+                budget.close()  # stops the forward solves only, and the backward's count is checked after it
+            if not self.world.all_true(math.isfinite(loss_value)):
+                raise TrainingDiverged(_divergence_message(loss_value, self.iteration))
+            try:
                 loss.backward()
             except EvaluationBudgetError:
-                saved = load_run_checkpoint(self.checkpoint_file) if os.path.isfile(self.checkpoint_file) else None
-                raise TrainingStalled(_stall_message(self.config.max_nfe, self.iteration, saved)) from None
+                stalled = True
+            self._stop_if_stalled(stalled or (distributed and limit and stats.nfe_forward + stats.nfe_backward > limit))
             self.optimization.step()
         seconds = time.perf_counter() - start
         row = reduce_metrics(self.world, {
@@ -284,6 +296,14 @@ class Trainer:
             "nfe_forward": stats.nfe_forward, "nfe_backward": stats.nfe_backward, "seconds": seconds})
         self.elapsed += row["seconds"]
         return row
+
+    def _stop_if_stalled(self, stalled):
+        """Raise ``TrainingStalled`` in every process when the evaluation budget ran out in any (a collective
+        in a multi-process run: every process calls it at the same points)."""
+        if self.world.all_true(not stalled):
+            return
+        saved = load_run_checkpoint(self.checkpoint_file) if os.path.isfile(self.checkpoint_file) else None
+        raise TrainingStalled(_stall_message(self.config.max_nfe, self.iteration, saved))
 
     def _batch_loss(self):
         """``method.loss(model, batch)``, through DistributedDataParallel when distributed (built on first use)."""

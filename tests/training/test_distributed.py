@@ -282,6 +282,47 @@ def test_adjoint_gradients_are_averaged_once_per_iteration(tmp_path):
         assert forward[0] != forward[1] and backward[0] != backward[1], (forward, backward)
 
 
+def _budget_worker(rank, size, port, out, budgets):
+    """Two training iterations on this rank with its own evaluation budget; records what each rank raised."""
+    from fastcnf.training.errors import TrainingStalled
+    from fastcnf.training.trainer import Trainer
+
+    os.environ.update(_worker_environment(rank, size, port))
+    torch.set_num_threads(1)
+    config = TrainConfig(hidden=(16, 16), batch_size=64, solver="rk4", step_size=0.125, iterations=2, threads=1,
+                         out=os.path.join(out, "run"), plot=False, val_every=100, checkpoint_every=100)
+    with process_group(torch.device("cpu")) as world:
+        trainer = Trainer(config, progress=False, world=world)
+        trainer.config = config.replace(max_nfe=budgets[rank])  # past the agreement check: ranks differ
+        try:
+            trainer.train_step()
+            outcome = "trained"
+        except TrainingStalled as error:
+            outcome = str(error)
+        trainer._parallel_loss = None  # the DDP wrapper goes before the group
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+
+
+@pytest.mark.parametrize("budget,phase", [(10, "forward"), (24, "backward")])
+def test_a_budget_running_out_in_one_process_stops_every_process(tmp_path, budget, phase):
+    """Rank 0 runs out of evaluations (rk4, 4 steps of 4 evaluations: 16 forward, 16 backward), rank 1 has
+    no limit: both stop with the same TrainingStalled, in the forward solves or after the backward pass,
+    instead of rank 1 failing in a collective that rank 0 left."""
+    store = _LoopbackStore()
+    try:
+        context = mp.start_processes(_budget_worker, args=(2, store.port, str(tmp_path), (budget, 0)), nprocs=2,
+                                     join=False, start_method="spawn")
+        deadline = time.time() + 180
+        while not context.join(timeout=1):
+            assert time.time() < deadline, f"the processes hang ({phase} budget)"
+    finally:
+        store.close()
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes[0].startswith(f"iteration 1 stopped: its ODE solves needed more than {budget} evaluations")
+    assert outcomes[1].startswith("iteration 1 stopped: its ODE solves needed more than"), outcomes  # its own limit
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_launch_environment_is_read_and_checked():
     full = _worker_environment(1, 2, 1234)

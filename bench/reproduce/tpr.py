@@ -27,14 +27,12 @@ and restarted per output interval (``False``, as torchdiffeq and the authors' co
 trajectories on 1000 test points: the mean acceleration |d^2 z/dt^2| along t and the residual of
 a straight-line fit on 41 times (the paper's penalty at degree 1 on a dense grid).
 
-Runtime (2-core AMD EPYC, one torch thread per run, CPU time of the training thread): arm A on
-checkerboard took 960 s of training for 2000 iterations (0.23 s/it at the start, 0.84 s/it at the
-end: the NFE grow from about 45 to 160 per iteration; a backward evaluation costs about 8 ms, a
-forward one 3 ms at batch 512) plus about 1 minute of evaluation. Over the first 150 iterations B,
-C and D cost 0.68, 1.07 and 1.52 times A. The full protocol (2 datasets x 4 arms x 3 seeds x 2000
-iterations) is therefore about 26,000 s = 7.2 h of CPU: about 7.5 h with ``--jobs 1`` and 4 h with
-``--jobs 2`` on an otherwise idle 2-core machine. ``--iterations 600 --jobs 2`` (every arm, dataset
-and seed) needs about 5,100 s of CPU, 45 minutes; the flows are far from converged by then.
+Runtime (2-core AMD EPYC, one torch thread per run, CPU time of the training thread; fastcnf at 90abcea):
+the full protocol (2 datasets x 4 arms x 3 seeds x 2000 iterations) took 3.1 h of training CPU time and 2.1 h
+of wall time with ``--jobs 2``. A run of arm A took 480-700 s of training (8gaussians 0.30 s/it at the end, the
+NFE growing from about 45 to 110 per iteration over training; checkerboard 0.25 s/it); B, C and D cost about
+0.7, 0.85 and 0.95 times A. Shorter runs (``--iterations``) keep every arm, dataset and seed; at 400
+iterations the flows are far from converged.
 
 Any dataset of ``fastcnf.training.data`` can be named: on a GPU, ``--device cuda --datasets digits``
 runs the same arms on 64-d digits (Hutchinson divergence in training and evaluation, D's weight
@@ -237,8 +235,8 @@ class TPRReport(MethodReport):
             f"per run; {first['jobs']} run(s) at a time; {first['machine']}; torch {first['torch']}, "
             f"{first['threads']} thread(s). That is {scale}.",
             f"- Time spent: {cpu_hours:.2f} h of training CPU time, {wall_hours:.2f} h of wall time including "
-            "evaluation (summed over runs). The full protocol, `python -m bench.reproduce.tpr --jobs 2`, needs "
-            "about 7.2 h of CPU time (4 h on an idle 2-core machine; estimate in `bench/reproduce/tpr.py`).",
+            "evaluation (summed over runs). The full protocol, `python -m bench.reproduce.tpr --jobs 2`, took 3.1 h "
+            "of training CPU time and 2.1 h of wall time on the 2-core machine (`bench/reproduce/tpr.py`).",
         ])
 
     def findings(self, runs):

@@ -244,8 +244,8 @@ def main(argv=None):
                                 torchdiffeq=torchdiffeq.__version__, weight_scale=args.weight_scale,
                                 rounds=args.rounds), cases=[])
     extra = " products | products CPU s | products / torchdiffeq |" if args.matmuls else ""
-    print("| case | threads | variant | NFE fwd/bwd | loss | CPU s (median) | CPU ratio | wall s (median) | wall ratio |"
-          + extra)
+    print("| case | threads | variant | NFE fwd/bwd | loss | CPU s (median) | CPU ratio | wall s (median) "
+          "| wall ratio |" + extra)
     print("|---|---|---|---|---|---|---|---|---|" + "---|" * (3 * args.matmuls))
     for workload in args.workloads:
         for divergence in WORKLOADS[workload]["divergences"]:

@@ -14,7 +14,8 @@ time, ``y`` and ``cotangent`` in the state's layout, ``params`` the adjoint para
 ``(f, c^T df/dy, [c^T df/dp per parameter, None for zero], c^T df/dt or None)`` with ``f = func(t, y)``
 and the first two in the state's layout, or None to let autograd differentiate ``func(t, y)``
 instead. The parameter gradients may also come as one flat tensor, each flattened and concatenated in
-``params`` order (what the adjoint state holds, so it is taken whole). ``fastcnf.cnf.CNFDynamics`` uses it to skip autograd's graph of the fused divergence pass.
+``params`` order (what the adjoint state holds, so it is taken whole). ``fastcnf.cnf.CNFDynamics`` uses
+it to skip autograd's graph of the fused divergence pass.
 
 What ``func`` may return is what torchdiffeq accepts: for a tensor state a tensor of its shape; for
 a tuple state a tuple of tensors with as many elements as each entry (torchdiffeq flattens each

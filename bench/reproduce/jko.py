@@ -469,9 +469,9 @@ class JKOReport(MethodReport):
         lines = []
         for name in ("R", "RR"):
             if name in groups:
-                grown, final = (_mean_std(groups[name], lambda run, k=k: growth_and_final_nll(run)[k])[0] for k in (0, 1))
-                lines.append(f"- {dataset}, {name}: validation NLL {grown:.3f} at the end of its growing pass, {final:.3f} "
-                             f"at the end ({final - grown:+.3f} nats from the later passes).")
+                grown, final = np.mean([growth_and_final_nll(run) for run in groups[name]], axis=0)
+                lines.append(f"- {dataset}, {name}: validation NLL {grown:.3f} at the end of its growing pass, "
+                             f"{final:.3f} at the end ({final - grown:+.3f} nats from the later passes).")
         for new, old, what in (("R", "G", "reparameterization"), ("RR", "R", "refinement")):
             if new not in groups or old not in groups:
                 continue

@@ -82,7 +82,6 @@ class ConcatSquashLinear(_TimeLayer):
         return self.linear(x) * torch.sigmoid(self.gate(time)) + self.shift(time)
 
 
-
 def _fold_packed(time, params):
     """(diag(g) W, g b + d t) with g = sigmoid(a t + c) for every layer (five parameters each), the per-output
     vectors of all layers concatenated so that their arithmetic runs once.

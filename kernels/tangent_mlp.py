@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["ACTIVATIONS", "SOFTPLUS_THRESHOLD", "activation_slope", "activation_derivatives", "tangent_mlp", "TangentMLP",
-           "tangent_forward", "tangent_backward", "tangent_vjp", "tangent_values", "tangent_mlp_reference",
+           "tangent_forward", "tangent_backward", "tangent_values", "tangent_mlp_reference",
            "mlp_reference"]
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: the identity above it
@@ -199,15 +199,6 @@ def tangent_backward(saved, weights, activation, probes, grad_f, grad_trace, gra
             if grad_trace is not None:
                 grad_probes += grad_trace[None, :, None] * tangents
     return grad_z, grad_probes, grad_weights, grad_biases
-
-
-def tangent_vjp(weights, biases, activation, z, probes, grad_f, grad_trace):
-    """The forward pass and the vector-Jacobian product of its (f, trace) with (grad_f (B, D),
-    grad_trace (B,)) in one call, without an autograd graph: ``(f, trace, grad_z, [grad W_k], [grad b_k])``.
-    A pure function of tensors (what ``torch.compile`` can fuse whole)."""
-    f, trace, _, saved = tangent_forward(weights, biases, activation, z, probes, save=True)
-    grad_z, _, grad_weights, grad_biases = tangent_backward(saved, weights, activation, probes, grad_f, grad_trace)
-    return f, trace, grad_z, grad_weights, grad_biases
 
 
 def tangent_values(weights, biases, activation, z, probes=None):

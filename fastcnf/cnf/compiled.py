@@ -1,6 +1,7 @@
 """``torch.compile`` for the fused divergence pass (opt-in: ``compile=True`` on the exact and
-Hutchinson estimators, ``--compile`` in training; the passes are ``fastcnf.cnf.divergence.odenet_values``
-and ``odenet_vector_jacobian``).
+Hutchinson estimators, ``--compile`` in training). The passes are in ``fastcnf.cnf.divergence``:
+``odenet_values`` (solves without gradients), ``odenet_vector_jacobian`` (``odeint_adjoint``'s backward
+steps), and the forward and backward of ``OdenetPass`` (backprop through a solve).
 
 In eager mode a CPU evaluation of the fused pass at batch 512 is about a third matrix products and
 two thirds the fixed cost of some 50 (forward) or 180 (vector-Jacobian product) small tensor

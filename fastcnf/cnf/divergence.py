@@ -29,8 +29,10 @@ Hutchinson's estimate runs in the fused Triton kernel ``fastcnf.kernels.hutchins
 ``supports(spec, device)`` holds (``fused_kernel``). Under ``odeint_adjoint`` a backward step of an
 ``ODEnet`` is one function without autograd (``odenet_vector_jacobian``, reached through
 ``vector_jacobian`` and ``fastcnf.cnf.flow.CNFDynamics.adjoint_vjp``): the fold of the parameters and t
-into layer weights, the pass, its reverse recurrence and the fold's backward, all by hand. With
-``compile=True`` that function and the forward pass of solves without gradients (``odenet_values``)
+into layer weights, the pass, its reverse recurrence and the fold's backward, all by hand. Backprop
+through a solve sees an ``ODEnet``'s evaluation as one graph node (``OdenetPass``: the fold and the pass
+forward, ``odenet_backward`` back), and a CNF's solve looks the net's parameters up once (``solve_scope``).
+With ``compile=True`` these functions and the forward pass of solves without gradients (``odenet_values``)
 run compiled by ``torch.compile`` (``fastcnf.cnf.compiled``). Any other network, and ``fused=False``,
 takes the autograd path above, which stays the reference the fused pass is tested against. The fused
 pass evaluates tanh as 2 sigmoid(2x) - 1 and folds the time into the weights, so its values agree
@@ -38,10 +40,12 @@ with the autograd path to rounding, not bit for bit.
 """
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels import tangent_mlp
 from ..ode.backend import select_backend
@@ -50,7 +54,7 @@ from .nets import ODEnet, fold_layers, unfold_layers
 from .noise import NOISES, estimator_noise
 
 __all__ = ["DivergenceEstimate", "ExactDivergence", "HutchinsonDivergence", "FiniteDifferenceDivergence",
-           "ESTIMATORS", "FUSED_CHOICES", "make_estimator", "fused_spec"]
+           "ESTIMATORS", "FUSED_CHOICES", "make_estimator", "fused_spec", "OdenetPass", "solve_scope"]
 
 KERNEL_MODULE = "fastcnf.kernels.hutchinson"
 FUSED_CHOICES = ("auto", True, False)
@@ -91,6 +95,15 @@ def _finish(f, create_graph):
     return f if create_graph else f.detach()
 
 
+def _set_fused_pass(estimator, fused, compile):
+    """The fused pass's settings on an exact or Hutchinson estimator, with its caches of the net's parameters
+    (``adjoint_inputs`` for adjoint solves, ``solve_inputs`` installed by a CNF for each solve)."""
+    estimator.fused = _check_fused(fused)
+    estimator.compile = _check_compile(compile)
+    estimator.adjoint_inputs = _AdjointInputs()
+    estimator.solve_inputs = None
+
+
 def _check_fused(fused):
     if not any(fused is choice for choice in FUSED_CHOICES):
         raise ValueError(f"fused must be 'auto', True or False, got {fused!r}.")
@@ -127,21 +140,66 @@ def odenet_values(kinds, activation, params, time, z, probes):
     return tangent_mlp.tangent_values(weights, biases, activation, z, probes)
 
 
+def odenet_forward(kinds, activation, params, time, z, probes):
+    """The fused pass of an ``ODEnet`` keeping what its vector-Jacobian product needs (``odenet_backward``):
+    ``(f (B, D), trace (B,), saved)``. Call it without autograd (the fold then takes its autograd-free form)."""
+    weights, biases, folded = fold_layers(kinds, params, time)
+    f, trace, _, passed = tangent_mlp.tangent_forward(weights, biases, activation, z, probes, save=True)
+    return f, trace, (weights, folded, passed)
+
+
+def odenet_backward(kinds, activation, params, time, probes, saved, grad_f, grad_divergence):
+    """The vector-Jacobian product of ``odenet_forward``'s (f, trace) with (grad_f (B, D), grad_divergence
+    (B,)) by hand: the pass's reverse recurrence and the fold's backward. ``(grad_z, [gradient of each of
+    params], grad_time (1,))``."""
+    weights, folded, passed = saved
+    grad_z, _, grad_weights, grad_biases = tangent_mlp.tangent_backward(passed, weights, activation, probes, grad_f,
+                                                                        grad_divergence)
+    grad_params, grad_time = unfold_layers(kinds, params, time, folded, grad_weights, grad_biases)
+    return grad_z, grad_params, grad_time
+
+
 def odenet_vector_jacobian(kinds, activation, params, time, z, probes, grad_f, grad_divergence):
-    """The fused pass of an ``ODEnet`` and the vector-Jacobian product of its (f, trace) with (grad_f (B, D),
-    grad_divergence (B,)) by hand: the fold of the parameters and time into layer weights, the pass and
-    its reverse recurrence, the fold's own backward. A pure function of tensors, no autograd:
-    ``(f, trace, grad_z, grad_params (P,), grad_time (1,))`` with the gradients of ``params`` flattened and
-    concatenated in their order (one buffer the adjoint state takes whole)."""
-    weights, biases, saved = fold_layers(kinds, params, time)
-    f, trace, grad_z, grad_weights, grad_biases = tangent_mlp.tangent_vjp(weights, biases, activation, z, probes,
-                                                                          grad_f, grad_divergence)
-    grad_params, grad_time = unfold_layers(kinds, params, time, saved, grad_weights, grad_biases)
-    return f, trace, grad_z, torch.cat([grad.reshape(-1) for grad in grad_params]), grad_time
+    """``odenet_forward`` and ``odenet_backward`` in one call, without autograd: ``(f, trace, grad_z,
+    grad_params (P,), grad_time (1,))`` (one flat parameter gradient the adjoint state takes whole). A pure
+    function of tensors."""
+    f, trace, saved = odenet_forward(kinds, activation, params, time, z, probes)
+    grad_z, grad_params, grad_time = odenet_backward(kinds, activation, params, time, probes, saved, grad_f,
+                                                     grad_divergence)
+    return f, trace, grad_z, _concatenate(grad_params), grad_time
+
+
+def _concatenate(tensors):
+    """The tensors flattened and concatenated, (P,)."""
+    return torch.cat([tensor.reshape(-1) for tensor in tensors])
+
+
+def _split(flat, shapes):
+    """The inverse of ``_concatenate``: views of ``flat`` of the given shapes."""
+    views, start = [], 0
+    for shape in shapes:
+        views.append(flat[start:start + shape.numel()].view(shape))
+        start += shape.numel()
+    return views
+
+
+def odenet_forward_flat(kinds, activation, shapes, flat_params, time, z, probes):
+    """``odenet_forward`` with the parameters as one (P,) tensor of the given ``shapes``."""
+    return odenet_forward(kinds, activation, _split(flat_params, shapes), time, z, probes)
+
+
+def odenet_backward_flat(kinds, activation, shapes, flat_params, time, probes, saved, grad_f, grad_divergence):
+    """``odenet_backward`` with the parameters and their gradient as one (P,) tensor:
+    ``(grad_z, grad_params (P,), grad_time (1,))``."""
+    grad_z, grad_params, grad_time = odenet_backward(kinds, activation, _split(flat_params, shapes), time, probes,
+                                                     saved, grad_f, grad_divergence)
+    return grad_z, _concatenate(grad_params), grad_time
 
 
 COMPILED_VALUES = CompiledPass(odenet_values)
 COMPILED_VJP = CompiledPass(odenet_vector_jacobian)
+COMPILED_FORWARD = CompiledPass(odenet_forward_flat)
+COMPILED_BACKWARD = CompiledPass(odenet_backward_flat)
 
 
 def _odenet_inputs(func, z):
@@ -201,18 +259,73 @@ class _AdjointInputs:
         return self.value
 
 
-def _compiled_estimate(estimator, func, t, z, probes, frobenius):
-    """The estimate of the compiled fused pass (``estimator.compile``, ``odenet_values``) for an ``ODEnet``
-    where no gradient flows through it (no Frobenius norm), else None."""
-    if not estimator.compile or estimator.fused is False or frobenius:
+class OdenetPass(torch.autograd.Function):
+    """The fused pass of an ``ODEnet`` as one graph node (backprop through a solve): ``apply(kinds, activation,
+    compile, shapes, flat_params (P,), time (1,), z (B, D), probes (P, B, D) or None)`` -> (f, trace), with the
+    net's parameters concatenated in ``flat_params`` (``shapes`` theirs) and ``odenet_backward`` as its backward
+    (both compiled with ``compile``). Gradients reach ``flat_params``, ``time`` and ``z``, not the probes."""
+
+    @staticmethod
+    def forward(ctx, kinds, activation, compile, shapes, flat_params, time, z, probes):
+        forward = COMPILED_FORWARD if compile else odenet_forward_flat
+        f, trace, saved = forward(kinds, activation, shapes, flat_params, time, z, probes)
+        ctx.pass_settings, ctx.pass_saved = (kinds, activation, compile, shapes), saved
+        ctx.save_for_backward(flat_params, time, probes)
+        return f, trace
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_f, grad_divergence):
+        kinds, activation, compile, shapes = ctx.pass_settings
+        flat_params, time, probes = ctx.saved_tensors
+        backward = COMPILED_BACKWARD if compile else odenet_backward_flat
+        grad_z, grad_params, grad_time = backward(kinds, activation, shapes, flat_params, time, probes,
+                                                  ctx.pass_saved, grad_f, grad_divergence)
+        return None, None, None, None, grad_params, grad_time, grad_z, None
+
+
+class _SolveInputs:
+    """The parameters of the net a CNF solve evaluates, looked up at its first evaluation and shared by the
+    others, and (under autograd) their concatenation for ``OdenetPass``, made once: one graph node then joins
+    all of a backprop solve's evaluations to the parameters, which receive one gradient each instead of one per
+    evaluation. A CNF installs one on its estimator for the duration of each solve (``solve_scope``),
+    so nothing is kept from one solve to the next."""
+
+    def __init__(self):
+        self.func = self.state = self.params = self.flat = None
+
+    def get(self, func, z):
+        """The net's parameters (see ``_odenet_inputs``), or None."""
+        state = (z.ndim, z.dtype, z.device, torch.is_grad_enabled())
+        if self.func is not func or self.state != state:
+            self.func, self.state, self.params, self.flat = func, state, _odenet_inputs(func, z), None
+        return self.params
+
+    def concatenated(self):
+        """The parameters of the last ``get`` concatenated, (P,)."""
+        if self.flat is None:
+            self.flat = _concatenate(self.params)
+        return self.flat
+
+
+def _odenet_estimate(estimator, func, t, z, probes, frobenius):
+    """The estimate of an ``ODEnet`` by the fused pass (compiled with ``estimator.compile``): ``odenet_values``
+    where no gradient flows through it, else one ``OdenetPass`` node. None where it does not apply (another
+    network, ``fused=False``, another dtype or device, a Frobenius norm, probes that require grad)."""
+    if estimator.fused is False or frobenius or (probes is not None and probes.requires_grad):
         return None
-    params = _odenet_inputs(func, z)
+    shared = estimator.solve_inputs
+    params = _odenet_inputs(func, z) if shared is None else shared.get(func, z)
     if params is None:
         return None
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (t, z, *params)):
-        return None
     time = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(1)
-    return DivergenceEstimate(*COMPILED_VALUES(func.kinds, func.activation, params, time, z, probes))
+    if torch.is_grad_enabled() and (time.requires_grad or z.requires_grad or any(p.requires_grad for p in params)):
+        flat = _concatenate(params) if shared is None else shared.concatenated()
+        shapes = tuple(param.shape for param in params)
+        return DivergenceEstimate(*OdenetPass.apply(func.kinds, func.activation, estimator.compile, shapes, flat,
+                                                    time, z, probes))
+    values = COMPILED_VALUES if estimator.compile else odenet_values
+    return DivergenceEstimate(*values(func.kinds, func.activation, params, time, z, probes))
 
 
 def _required_spec(estimator, func, t, z):
@@ -257,23 +370,21 @@ class ExactDivergence:
         fused: ``"auto"`` (default): the fused pass for networks with ``mlp_spec(t)`` (exact trace and
             Frobenius norm from D forward-mode tangents), the autograd path otherwise; ``True``: the
             fused pass or an error; ``False``: always the autograd path.
-        compile: run the fused pass compiled by ``torch.compile`` where no autograd graph goes through
-            it (solves without gradients and ``odeint_adjoint``'s steps; ``fastcnf.cnf.compiled``).
+        compile: run the fused pass of an ``ODEnet`` compiled by ``torch.compile`` (forward solves, backprop
+            through them, ``odeint_adjoint``'s steps; ``fastcnf.cnf.compiled``).
     """
 
     stochastic = False
     name = "exact"
 
     def __init__(self, fused="auto", compile=False):
-        self.fused = _check_fused(fused)
-        self.compile = _check_compile(compile)
-        self.adjoint_inputs = _AdjointInputs()
+        _set_fused_pass(self, fused, compile)
 
     def resample(self, z):
         """Nothing to draw; present so every estimator can be driven the same way."""
 
     def __call__(self, func, t, z, frobenius=False):
-        estimate = _compiled_estimate(self, func, t, z, None, frobenius)
+        estimate = _odenet_estimate(self, func, t, z, None, frobenius)
         if estimate is not None:
             return estimate
         spec = _required_spec(self, func, t, z)
@@ -322,15 +433,13 @@ class HutchinsonDivergence(_NoiseEstimator):
         super().__init__(noise)
         if fused_kernel not in (None, True, False):
             raise ValueError(f"fused_kernel must be None, True or False, got {fused_kernel!r}.")
-        self.fused = _check_fused(fused)
-        self.compile = _check_compile(compile)
-        self.adjoint_inputs = _AdjointInputs()
+        _set_fused_pass(self, fused, compile)
         self.fused_kernel = fused_kernel
         self.name = f"hutchinson-{noise}"
 
     def __call__(self, func, t, z, frobenius=False):
         eps = self._current_noise(z)
-        estimate = None if self._wants_kernel(z) else _compiled_estimate(self, func, t, z, eps[None], frobenius)
+        estimate = None if self._wants_kernel(z) else _odenet_estimate(self, func, t, z, eps[None], frobenius)
         if estimate is not None:
             return estimate
         spec = None if frobenius else _required_spec(self, func, t, z)
@@ -407,6 +516,21 @@ class FiniteDifferenceDivergence(_NoiseEstimator):
         divergence = _per_sample_sum(directional * eps)
         squares = _per_sample_sum(directional.pow(2)) if frobenius else None
         return DivergenceEstimate(f, divergence, squares)
+
+
+@contextmanager
+def solve_scope(estimator):
+    """Within it, the evaluations of ``estimator`` look the net's parameters up once and share them (one
+    ``_SolveInputs``); for one solve, whose parameters do not change while it runs. Estimators without a
+    fused pass are left alone."""
+    if not hasattr(estimator, "solve_inputs"):
+        yield
+        return
+    estimator.solve_inputs = _SolveInputs()
+    try:
+        yield
+    finally:
+        estimator.solve_inputs = None
 
 
 ESTIMATORS = {

@@ -28,7 +28,7 @@ from ..ode.adjoint import odeint_adjoint
 from ..ode.odeint import odeint
 from ..ode.registry import check_method
 from ..ode.validation import require_positive
-from .divergence import make_estimator
+from .divergence import make_estimator, solve_scope
 from .toflow import TerminalTime
 
 __all__ = ["SolverSettings", "CNFDynamics", "CNF", "SequentialFlow", "Flow", "standard_normal_log_prob"]
@@ -229,7 +229,8 @@ class CNF(Flow):
         estimator.resample(x)
         self.dynamics.estimator, self.dynamics.state_regularizers = estimator, state_regs
         state = (x, logp) + tuple(x.new_zeros(x.shape[0]) for _ in state_regs)
-        solution = self._solver().solve(self.dynamics, state, self._times(fractions, x.device))
+        with solve_scope(estimator):
+            solution = self._solver().solve(self.dynamics, state, self._times(fractions, x.device))
         self.last_terms = self._terms(state_regs, trajectory_regs, fractions, solution)
         return solution[0][-1], solution[1][-1]
 
@@ -263,7 +264,8 @@ class CNF(Flow):
         estimator = self.train_estimator if self.training else self.test_estimator
         estimator.resample(z)
         self.dynamics.estimator, self.dynamics.state_regularizers = estimator, ()
-        solution = self._solver().solve(self.dynamics, (z, logp), times)
+        with solve_scope(estimator):
+            solution = self._solver().solve(self.dynamics, (z, logp), times)
         return solution[0][-1], solution[1][-1]
 
     def extra_repr(self):

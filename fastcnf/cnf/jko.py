@@ -50,7 +50,7 @@ from ..ode.odeint import odeint
 from ..ode.registry import METHODS, check_method
 from ..ode.validation import require_bool, require_choice, require_non_negative, require_positive, \
     require_positive_int
-from .divergence import make_estimator
+from .divergence import make_estimator, solve_scope
 from .flow import CNFDynamics, Flow
 
 __all__ = ["BlockSolver", "JKOFlow", "BlockObjective", "block_objective", "movement", "relative_movement",
@@ -240,7 +240,8 @@ class JKOFlow(Flow):
         estimator = self._current_estimator(estimator)
         estimator.resample(x)
         dynamics = CNFDynamics(self.nets[index], estimator)
-        return self._current_solver().solve(dynamics, (x, logp), start, end)
+        with solve_scope(estimator):
+            return self._current_solver().solve(dynamics, (x, logp), start, end)
 
     def block_inverse(self, index, z, logp=None, estimator=None):
         """x_k -> x_{k-1} by integrating block ``index`` backwards in time.
@@ -254,7 +255,8 @@ class JKOFlow(Flow):
         estimator = self._current_estimator(estimator)
         estimator.resample(z)
         dynamics = CNFDynamics(self.nets[index], estimator)
-        return self._current_solver().solve(dynamics, (z, logp), end, start)
+        with solve_scope(estimator):
+            return self._current_solver().solve(dynamics, (z, logp), end, start)
 
     def forward(self, x, logp=None):
         """x (B, D) -> (x_K, logp - sum_k int tr(df_k/dx) dt) through every block."""

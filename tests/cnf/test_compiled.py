@@ -1,6 +1,7 @@
-"""The torch.compile'd fused pass (``compile=True``): a CNF solved through odeint_adjoint gives the eager
-pass's loss, gradients and evaluation counts; a failing compiler falls back to the eager pass with one
-warning; the training settings accept ``--compile`` where the fused pass runs and refuse it elsewhere."""
+"""The torch.compile'd fused pass (``compile=True``): a CNF solved through odeint_adjoint or trained by
+backprop through the solver gives the eager pass's loss, gradients and evaluation counts; a failing
+compiler falls back to the eager pass with one warning; the training settings accept ``--compile`` where
+the fused pass runs and refuse it elsewhere."""
 
 import warnings
 
@@ -17,10 +18,10 @@ from fastcnf.training.cli import build_parser
 from fastcnf.training.config import ConfigError, TrainConfig
 
 
-def _adjoint_step(estimator, seed=0):
+def _training_step(estimator, seed=0, adjoint=True):
     torch.manual_seed(seed)
     net = ODEnet(2, (8, 8), "concatsquash", "tanh")
-    cnf = CNF(net, 0.5, estimator, train_solver=SolverSettings("dopri5", 1e-5, 1e-5, adjoint=True))
+    cnf = CNF(net, 0.5, estimator, train_solver=SolverSettings("dopri5", 1e-5, 1e-5, adjoint=adjoint))
     x = torch.randn(16, 2)
     torch.manual_seed(seed + 1)  # the Hutchinson noise
     with fastcnf.track() as stats:
@@ -36,10 +37,29 @@ def test_the_compiled_pass_trains_like_the_eager_pass(monkeypatch, estimator):
         monkeypatch.setattr(f"fastcnf.cnf.divergence.{name}", _Counting(getattr(divergence_module, name), name, calls))
     with warnings.catch_warnings():
         warnings.simplefilter("error", compiled_module.CompileWarning)  # the compiler must work here
-        loss, grads, nfe = _adjoint_step(estimator(compile=True))
+        loss, grads, nfe = _training_step(estimator(compile=True))
     assert {"COMPILED_VALUES", "COMPILED_VJP"} <= set(calls)  # both the forward and the adjoint steps ran compiled
     assert calls.count("COMPILED_VJP") == nfe[1]
-    expected_loss, expected_grads, expected_nfe = _adjoint_step(estimator(compile=False))
+    expected_loss, expected_grads, expected_nfe = _training_step(estimator(compile=False))
+    assert nfe == expected_nfe
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", [ExactDivergence, HutchinsonDivergence])
+def test_backprop_through_the_compiled_pass_trains_like_the_eager_pass(monkeypatch, estimator):
+    """Backprop through a solve: every evaluation is one OdenetPass node whose forward and backward run
+    compiled, with the eager pass's loss, gradients and evaluation count."""
+    calls = []
+    for name in ("COMPILED_FORWARD", "COMPILED_BACKWARD"):
+        monkeypatch.setattr(f"fastcnf.cnf.divergence.{name}", _Counting(getattr(divergence_module, name), name, calls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiled_module.CompileWarning)
+        loss, grads, nfe = _training_step(estimator(compile=True), adjoint=False)
+    assert calls.count("COMPILED_FORWARD") == nfe[0] and nfe[1] == 0
+    assert 0 < calls.count("COMPILED_BACKWARD") < nfe[0]  # the stages of rejected steps get no gradient
+    expected_loss, expected_grads, expected_nfe = _training_step(estimator(compile=False), adjoint=False)
     assert nfe == expected_nfe
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     for got, expected in zip(grads, expected_grads, strict=True):

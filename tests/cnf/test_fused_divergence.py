@@ -9,7 +9,8 @@ import torch
 import fastcnf
 from fastcnf.cnf import CNF, JKOFlow, KineticEnergy, SolverSettings, TerminalTime, TrajectoryPolynomial
 from fastcnf.cnf.flow import CNFDynamics
-from fastcnf.cnf.divergence import ExactDivergence, HutchinsonDivergence
+from fastcnf.cnf import divergence as divergence_module
+from fastcnf.cnf.divergence import ExactDivergence, HutchinsonDivergence, OdenetPass
 from fastcnf.cnf.nets import ODEnet
 from fastcnf.kernels import tangent_mlp
 
@@ -99,8 +100,9 @@ def test_fused_gradcheck_in_the_state_time_and_parameters(layers, activation, ki
 
 def test_the_fused_pass_is_taken_and_keeps_no_graph_without_gradients(monkeypatch):
     calls = []
-    original = tangent_mlp.tangent_mlp
-    monkeypatch.setattr(tangent_mlp, "tangent_mlp", lambda *args: calls.append(args[3].shape) or original(*args))
+    original = tangent_mlp.tangent_forward
+    monkeypatch.setattr(tangent_mlp, "tangent_forward",
+                        lambda *args, **kwargs: calls.append(args[3].shape) or original(*args, **kwargs))
     net, z = _net("concatsquash", "tanh"), _state()
     hutchinson = HutchinsonDivergence()
     hutchinson.resample(z)
@@ -157,10 +159,35 @@ def test_cnf_training_gradients_equal_the_autograd_path(kind, adjoint):
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("adjoint", [True, False], ids=["adjoint", "backprop"])
+def test_a_solve_looks_the_parameters_up_once_and_keeps_nothing_after_it(monkeypatch, adjoint):
+    """Within a CNF solve the evaluations share one lookup of the net's parameters (and, under backprop, one
+    concatenation node); afterwards the estimator holds nothing, so a parameter changed between solves
+    without autograd's knowledge (through ``.data``) is seen by the next solve."""
+    lookups = []
+    original = divergence_module._odenet_inputs
+    monkeypatch.setattr(divergence_module, "_odenet_inputs", lambda *args: lookups.append(1) or original(*args))
+    torch.manual_seed(0)
+    net = ODEnet(2, (16, 16), "concatsquash", "tanh").double()
+    estimator = ExactDivergence()
+    cnf = CNF(net, 0.5, estimator, train_solver=SolverSettings("dopri5", 1e-6, 1e-6, adjoint=adjoint))
+    x = _state(32, 2, seed=5)
+    with fastcnf.track() as stats:
+        loss = -cnf.log_prob(x).mean()
+    assert stats.nfe_forward > 10 and len(lookups) == 1 and estimator.solve_inputs is None
+    loss.backward()
+    next(net.parameters()).data.mul_(1.5)  # no version change, no autograd record
+    changed = cnf.log_prob(x)
+    expected = CNF(net, 0.5, ExactDivergence(fused=False),
+                   train_solver=SolverSettings("dopri5", 1e-6, 1e-6, adjoint=adjoint)).log_prob(x)
+    torch.testing.assert_close(changed, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_jko_flow_blocks_use_the_fused_pass(monkeypatch):
     calls = []
-    original = tangent_mlp.tangent_mlp
-    monkeypatch.setattr(tangent_mlp, "tangent_mlp", lambda *args: calls.append(1) or original(*args))
+    original = tangent_mlp.tangent_forward
+    monkeypatch.setattr(tangent_mlp, "tangent_forward",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     flow = JKOFlow(ODEnet(2, (8,), "concatsquash", "softplus").double(), 0.5, divergence="hutchinson-rademacher",
                    test_divergence="exact")
     flow.eval().log_prob(_state(6, 2))
@@ -187,15 +214,15 @@ def _adjoint_cnf_gradients(estimator, layers, regularizers=()):
 @pytest.mark.parametrize("layers", LAYERS)
 def test_adjoint_steps_take_the_fused_vector_jacobian_without_autograd(monkeypatch, layers, kind, regularizers):
     """Every backward evaluation of odeint_adjoint takes the fused pass's own vector-Jacobian product
-    (no TangentMLP graph node is differentiated), with the gradients and evaluation counts of the autograd
+    (no OdenetPass graph node is differentiated), with the gradients and evaluation counts of the autograd
     path over the same fused pass; a state regularizer (kinetic energy) leaves it to autograd."""
     regs = {(): (), "kinetic": (KineticEnergy(0.1),), "tpr": (TrajectoryPolynomial(0.5),)}[regularizers]
     estimator = ExactDivergence if kind == "exact" else HutchinsonDivergence
     calls = {"direct": 0, "graph": 0}
-    direct, graph = estimator.vector_jacobian, tangent_mlp.TangentMLP.backward
+    direct, graph = estimator.vector_jacobian, OdenetPass.backward
     monkeypatch.setattr(estimator, "vector_jacobian",
                         lambda *args: calls.__setitem__("direct", calls["direct"] + 1) or direct(*args))
-    monkeypatch.setattr(tangent_mlp.TangentMLP, "backward", staticmethod(
+    monkeypatch.setattr(OdenetPass, "backward", staticmethod(
         lambda *args: calls.__setitem__("graph", calls["graph"] + 1) or graph(*args)))
     loss, grads, nfe = _adjoint_cnf_gradients(estimator(), layers, regs)
     assert (calls["direct"], calls["graph"]) == ((0, nfe) if regularizers == "kinetic" else (nfe, 0))

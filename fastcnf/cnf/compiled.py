@@ -37,10 +37,18 @@ class CompiledPass:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.function, dynamic=False)
-                return self.compiled(*args)
+                return self.compiled(*_canonical(args))
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the eager pass
                 self.failed = True
                 warnings.warn(f"torch.compile of {self.function.__name__} failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); it runs eagerly.",
                               CompileWarning, stacklevel=2)
         return self.function(*args)
+
+
+def _canonical(args):
+    """``args`` with their tensors detached and contiguous (the passes run without autograd): torch.compile
+    guards on requires_grad and strides, so inputs differing only in those would each compile a variant of
+    their own (the first stage's state does not require grad, later ones do; a cotangent may be a strided
+    view), and the variants count against its recompile limit, beyond which the pass runs eagerly."""
+    return tuple(arg.detach().contiguous() if isinstance(arg, torch.Tensor) else arg for arg in args)

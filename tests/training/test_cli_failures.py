@@ -33,7 +33,22 @@ def one_line_error(capsys, command="train"):
 def train_process(out, iterations=40, *extra):
     command = [sys.executable, "-m", "fastcnf", "train", *TINY, "--iterations", str(iterations), "--val-every", "20",
                "--checkpoint-every", "10", "--out", out, *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """Ctrl-C's default action in the child: a launcher that ignores SIGINT (a background job of a shell
+    without job control) passes that on, and the CLI then leaves Ctrl-C alone, as it should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test (whatever the launcher set), restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def metrics_iterations(out):
@@ -235,7 +250,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("in_loop", [True, False], ids=["training-loop", "final-evaluation"])
-def test_a_first_ctrl_c_stops_after_the_iteration_in_the_loop_and_at_once_outside_it(in_loop):
+def test_a_first_ctrl_c_stops_after_the_iteration_in_the_loop_and_at_once_outside_it(in_loop, python_sigint):
     """In the loop Ctrl-C only asks for a stop (the iteration in progress finishes and is checkpointed); in
     the final evaluation, where nothing is left to checkpoint, it interrupts at once instead of being ignored."""
     from types import SimpleNamespace
@@ -252,3 +267,14 @@ def test_a_first_ctrl_c_stops_after_the_iteration_in_the_loop_and_at_once_outsid
         interrupted = True
     assert (interrupted, trainer.stop_requested) == ((False, True) if in_loop else (True, False))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigint_the_launcher_ignores_stays_ignored(python_sigint):
+    from types import SimpleNamespace
+
+    from fastcnf.training.cli import _stop_on_first_interrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with _stop_on_first_interrupt(SimpleNamespace(in_training_loop=True, stop_requested=False)):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -233,7 +233,9 @@ class AugmentedDynamics:
         # a_t is integrated whether or not t needs a gradient: torchdiffeq does the same (its
         # t_requires_grad switch has no effect), and a_t takes part in the step-size control,
         # so this keeps the backward steps identical to torchdiffeq's.
-        direct = self.dynamics.vector_jacobian(t, y, -adj_y, self.params)
+        # d/dtau (a_t, y, a_y, a_p) = (a_y^T df/dt, -f, a_y^T df/dy, a_y^T df/dp): the products are taken with
+        # a_y itself, so that only f, not the whole augmented vector, is negated
+        direct = self.dynamics.vector_jacobian(t, y, adj_y, self.params)
         if direct is None:
             f, vjp_y, vjp_params, vjp_t = self._autograd_vjp(t, y, adj_y)
         else:
@@ -248,15 +250,15 @@ class AugmentedDynamics:
         else:
             vjp_params = [_zero_if_none(g, p).reshape(-1).to(state.dtype) for g, p in zip(vjp_params, self.params)]
         vjp_t = state.new_zeros(1) if vjp_t is None else vjp_t.to(state.dtype).reshape(1)
-        return -torch.cat([vjp_t, f, _zero_if_none(vjp_y, y), *vjp_params])
+        return torch.cat([vjp_t, -f, _zero_if_none(vjp_y, y), *vjp_params])
 
     def _autograd_vjp(self, t, y, adj_y):
-        """(f, -a_y^T df/dy, [-a_y^T df/dp], -a_y^T df/dt) by differentiating one evaluation with autograd."""
+        """(f, a_y^T df/dy, [a_y^T df/dp], a_y^T df/dt) by differentiating one evaluation with autograd."""
         with torch.enable_grad():
             y_var = y.detach().requires_grad_(True)
             t_var = torch.tensor(t, dtype=torch.float64, device=y.device, requires_grad=True)
             f = self.dynamics(t_var, y_var)
-            grads = torch.autograd.grad(f, (y_var,) + self.params + (t_var,), -adj_y, allow_unused=True)
+            grads = torch.autograd.grad(f, (y_var,) + self.params + (t_var,), adj_y, allow_unused=True)
         return f.detach(), grads[0], grads[1:-1], grads[-1]
 
     def callback(self, name, tau, state, dt):

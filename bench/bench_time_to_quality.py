@@ -151,14 +151,16 @@ def run(iterations, eval_every, variants, out_dir):
           "| 1st iteration wall s | NFE fwd/bwd | test NLL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in summary.items():
-        print(f"| {name} | {row['wall_per_iteration']:.3f} | {row['wall_per_iteration'] / base['wall_per_iteration']:.2f} "
+        print(f"| {name} | {row['wall_per_iteration']:.3f} "
+              f"| {row['wall_per_iteration'] / base['wall_per_iteration']:.2f} "
               f"| {row['cpu_per_iteration']:.3f} | {row['cpu_per_iteration'] / base['cpu_per_iteration']:.2f} | "
               f"{row['cpu_per_iteration_after_first']:.3f} | "
               f"{row['cpu_per_iteration_after_first'] / base['cpu_per_iteration_after_first']:.2f} | "
               f"{row['first_wall']:.1f} | {row['nfe_forward']:.1f}/{row['nfe_backward']:.1f} | {row['test_nll']:.4f} |")
     return dict(settings={k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS.items()},
                 iterations=iterations, summary=summary, history=history,
-                versions=dict(torch=torch.__version__, fastcnf=fastcnf.__version__, torchdiffeq=torchdiffeq.__version__))
+                versions=dict(torch=torch.__version__, fastcnf=fastcnf.__version__,
+                              torchdiffeq=torchdiffeq.__version__))
 
 
 def main(argv=None):

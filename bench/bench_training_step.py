@@ -239,7 +239,8 @@ def main(argv=None):
     variants = ["torchdiffeq", "fastcnf-dropin"] + [{"integral": "fastcnf", "pi": "fastcnf-pi"}[c]
                                                     for c in args.controller] + ["fastcnf-compile"] * args.compile
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    results = dict(checkpoints=checkpoints, machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
+    results = dict(checkpoints=checkpoints, machine=dict(platform=platform.platform(), processor=platform.processor(),
+                                                         cpus=os.cpu_count(),
                                 torch=torch.__version__, fastcnf=fastcnf.__version__,
                                 torchdiffeq=torchdiffeq.__version__, weight_scale=args.weight_scale,
                                 rounds=args.rounds), cases=[])

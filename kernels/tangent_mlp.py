@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ACTIVATIONS", "SOFTPLUS_THRESHOLD", "activation_slope", "activation_derivatives", "tangent_mlp", "TangentMLP",
-           "tangent_forward", "tangent_backward", "tangent_values", "tangent_mlp_reference",
+__all__ = ["ACTIVATIONS", "SOFTPLUS_THRESHOLD", "activation_slope", "activation_derivatives", "tangent_mlp",
+           "TangentMLP", "tangent_forward", "tangent_backward", "tangent_values", "tangent_mlp_reference",
            "mlp_reference"]
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: the identity above it

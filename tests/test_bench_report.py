@@ -71,7 +71,8 @@ def test_time_ratios_pair_libraries_by_workload(results_file):
     # workload, solver, fastcnf, torchdiffeq, ratio, ratio of minima, torchode, ratio, ratio of minima
     assert _table_row(text, "Time", "probe inference")[2:] == ["1.00 ms", "4.00 ms", "0.25", "0.25", "2.00 ms",
                                                                "0.50", "0.45"]
-    assert _table_row(text, "Time", "cnf backprop")[2:] == ["300.00 ms", "200.00 ms", "1.50", "1.50", "—", "—", "—"]
+    assert _table_row(text, "Time", "cnf backprop")[2:] == ["300.00 ms", "200.00 ms", "1.50", "1.50", "—", "—",
+                                                            "—"]
     assert "Test CPU, 2 cores (torch threads 1)" in text and "torch 2.13.0" in text
 
 

@@ -153,7 +153,8 @@ def build_protocol(args):
     budget of their own on the same clock (``ffjord_budget``); see ``run``."""
     if args.seconds is not None or args.iterations is not None:
         raise SystemExit("bench.reproduce.jko sets its own budgets: the JKO arms run their schedules "
-                         "(--jko-iterations) and FFJORD gets their measured training time; drop --seconds/--iterations.")
+                         "(--jko-iterations) and FFJORD gets their measured training time; drop "
+                         "--seconds/--iterations.")
     hooks = JKOHooks(getattr(args, "mmd_points", MMD_POINTS))
     chosen = select(arms(args.datasets, dict(args.jko_iterations), hooks), args)
     cap = max([ITERATION_BOUND * max(jko_iterations(args, arm.dataset), BLOCKS) for arm in chosen], default=1)
@@ -429,7 +430,8 @@ class JKOReport(MethodReport):
                 continue
             lines += self._speed_targets(dataset, groups) + self._pass_targets(dataset, groups)
         clock = _clock_words(runs)
-        lines += ["", f"Definitions. Target 1 (2-D sets): F trains for the JKO arms' {clock} time T. A JKO arm meets it "
+        lines += ["", f"Definitions. Target 1 (2-D sets): F trains for the JKO arms' {clock} time T. "
+                  "A JKO arm meets it "
                   f"when, on every seed, its validation NLL reaches F's final validation NLL + {NLL_MARGIN} nats by "
                   f"{TIME_RATIO}·T (the first validation point at or below it; validation: dopri5 1e-6 on 2000 "
                   "held-out points), and its mean peak step memory is at most F's. Target 2: R improves on "

@@ -51,7 +51,8 @@ from .harness import Arm, ArmHooks, Budget, Protocol, run_directory, run_protoco
 from .report import STANDARD_COLUMNS, Column, MethodReport, arms_of, mean_band_plot, save_figure, spread, write_report
 
 __all__ = ["DATASETS", "SEEDS", "SECONDS", "BASE", "ALPHAS", "arms", "control_arm", "final_end_time",
-           "build_protocol", "parse_args", "run_toflow_protocol", "time_to_reach", "TOFLOWHooks", "TOFLOWReport", "REPORT", "main"]
+           "build_protocol", "parse_args", "run_toflow_protocol", "time_to_reach", "TOFLOWHooks", "TOFLOWReport",
+           "REPORT", "main"]
 
 DATASETS = ("8gaussians", "checkerboard")
 SEEDS = (0, 1, 2)

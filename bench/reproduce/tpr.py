@@ -49,7 +49,8 @@ from fastcnf.training.data import load_dataset
 
 from .cli import budget_from, protocol_main, select
 from .harness import Arm, ArmHooks, Protocol
-from .report import STANDARD_COLUMNS, Column, MethodReport, last_fraction_mean, mean_band_plot, pyplot, save_figure, spread
+from .report import (STANDARD_COLUMNS, Column, MethodReport, last_fraction_mean, mean_band_plot, pyplot, save_figure,
+                     spread)
 
 __all__ = ["DATASETS", "BASE", "arms", "build_protocol", "previous_defaults", "TPRHooks", "TPRReport", "REPORT",
            "main"]

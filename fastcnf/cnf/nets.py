@@ -90,7 +90,8 @@ def _fold_packed(time, params):
     """
     weights = params[0::5]
     sizes = [weight.shape[0] for weight in weights]
-    bias, gate_weight, gate_bias, shift = (torch.cat([param.reshape(-1) for param in params[k::5]]) for k in range(1, 5))
+    bias, gate_weight, gate_bias, shift = (torch.cat([param.reshape(-1) for param in params[k::5]])
+                                           for k in range(1, 5))
     gate = torch.sigmoid(torch.addcmul(gate_bias, gate_weight, time))
     bias_eff = torch.addcmul(bias * gate, shift, time)
     gates = gate.split(sizes)

@@ -179,7 +179,8 @@ def test_user_dynamics_module_and_sample_shape_errors():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(net=lambda t, z: z), TypeError, "net must be an nn.Module"),
-    (dict(net=Linear([[1.0]]), end_time=0.0), ValueError, "end_time \\(a number or a TerminalTime\\) must be a positive finite number"),
+    (dict(net=Linear([[1.0]]), end_time=0.0), ValueError,
+     "end_time \\(a number or a TerminalTime\\) must be a positive finite number"),
     (dict(net=Linear([[1.0]]), divergence="trace"), ValueError, "unknown divergence estimator"),
 ])
 def test_bad_arguments_are_rejected(kwargs, error, message):

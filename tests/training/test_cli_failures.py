@@ -214,9 +214,10 @@ def test_bad_checkpoints_are_one_line_and_change_nothing(finished_run, capsys, d
 def test_a_runaway_solve_stops_at_the_evaluation_budget(tmp_path):
     """--lr 1e6 used to stall in its second iteration for minutes (killed after 2 minutes here)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "fastcnf", "train", *TINY, "--hidden", "16,16", "--batch-size", "64",
-                             "--rtol", "1e-5", "--atol", "1e-5", "--lr", "1e6", "--iterations", "20", "--max-nfe", "3000",
-                             "--checkpoint-every", "1", "--out", str(tmp_path / "run")],
+    result = subprocess.run([sys.executable, "-m", "fastcnf", "train", *TINY, "--hidden", "16,16",
+                             "--batch-size", "64", "--rtol", "1e-5", "--atol", "1e-5", "--lr", "1e6",
+                             "--iterations", "20", "--max-nfe", "3000", "--checkpoint-every", "1",
+                             "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr

@@ -3,9 +3,9 @@
 ``csrc/controller.cpp`` is its C++ twin, function for function (``scaled_error_ratio``,
 ``propose_step``), and ``fastcnf.kernels.rk_stage`` its Triton twin; the tests hold both to this
 one. The rule is ``StepRule``'s: torchdiffeq's integral controller by default, so both packages
-accept the same steps, or the PI controller. A non-finite error ratio (NaN/Inf in the trial state or error estimate) rejects the
-step and shrinks it by ``dfactor`` (``Status.NONFINITE``); at ``min_step`` the solve fails
-(``Status.FAILED_NONFINITE``).
+accept the same steps, or the PI controller. A non-finite error ratio (NaN/Inf in the trial state or
+error estimate) rejects the step and shrinks it by ``dfactor`` (``Status.NONFINITE``); at ``min_step``
+the solve fails (``Status.FAILED_NONFINITE``).
 """
 
 import math

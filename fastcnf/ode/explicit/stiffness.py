@@ -142,7 +142,8 @@ class StiffnessCheck:
             f"the problem seems to have become stiff at t={t!r}: {self.name}'s last {RUN} checked steps were "
             f"limited by stability, not accuracy (h*|lambda| ~ {h_lambda:.3g} at the edge of its stability region, "
             f"|lambda| ~ {h_lambda / dt:.3g} with dt={dt:.3g}), so it needs about {h_lambda / dt / self.limit:.3g} "
-            f"steps per unit of time ({span / abs(dt):.3g} steps over a span of {span:.3g}). Use an implicit method: method='scipy_solver' with "
+            f"steps per unit of time ({span / abs(dt):.3g} steps over a span of {span:.3g}). "
+            "Use an implicit method: method='scipy_solver' with "
             "options=dict(solver='LSODA') (adaptive, no gradients), or a fixed-grid implicit method such as "
             "method='radauIIA5' or 'trbdf2' with a step_size.")
         if self.mode == "error":

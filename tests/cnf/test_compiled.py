@@ -97,6 +97,32 @@ def test_a_failing_compiler_falls_back_to_the_eager_pass_with_one_warning(monkey
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_inputs_differing_only_in_requires_grad_or_strides_share_one_compilation(monkeypatch):
+    """The state of a solve's first stage does not require grad and later ones do, and a cotangent may be a
+    strided view: torch.compile guards on both, so without canonical inputs each would compile its own
+    variant (and enough of them exhaust its recompile limit, after which the pass runs eagerly)."""
+    graphs = []
+    original = torch.compile
+
+    def counting(function, dynamic=None):
+        def backend(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+        return original(function, dynamic=dynamic, backend=backend)
+
+    def affine(x, y):
+        return x * 2 + y
+
+    monkeypatch.setattr(torch, "compile", counting)
+    compiled = compiled_module.CompiledPass(affine)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    results = [compiled(x, y), compiled(x.clone().requires_grad_(), y), compiled(x, y.t().contiguous().t())]
+    assert len(graphs) == 1
+    for result in results:
+        torch.testing.assert_close(result, affine(x, y), rtol=0, atol=0)
+        assert not result.requires_grad
+
+
 def test_training_settings_take_compile_where_the_fused_pass_runs():
     args = build_parser().parse_args(["train", "--compile", "--divergence", "exact"])
     assert args.compile is True and TrainConfig(compile=True, divergence="exact").compile

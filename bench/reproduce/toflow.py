@@ -33,9 +33,9 @@ quality (the final validation NLL of ffjord-T0.5 and of ffjord-T1, mean over see
 target (TO-FLOW reaches it in at most 0.8x FFJORD's time); whether the fixed-T control matches
 TO-FLOW (then the gain comes from the better T, not from optimizing it); and T against time.
 
-A run is 600 s of training CPU plus about 1-2 minutes of validation. The full protocol is 9 arms x
-2 datasets x 3 seeds = 54 runs: about 10 h of CPU, about 5 h of wall time with ``--jobs 2`` on an
-otherwise idle 2-core machine.
+A run is 600 s of training CPU plus validation. The full protocol is 9 arms x 2 datasets x 3 seeds =
+54 runs: about 10 h of CPU. With ``--jobs 2`` on the 2-core machine a run took 750-1000 s of wall
+time (two at a time), so about 6-7 h in all; an interrupted protocol resumes where it stopped.
 """
 
 import json

@@ -34,8 +34,9 @@ target (TO-FLOW reaches it in at most 0.8x FFJORD's time); whether the fixed-T c
 TO-FLOW (then the gain comes from the better T, not from optimizing it); and T against time.
 
 A run is 600 s of training CPU plus validation. The full protocol is 9 arms x 2 datasets x 3 seeds =
-54 runs: about 10 h of CPU. With ``--jobs 2`` on the 2-core machine a run took 750-1000 s of wall
-time (two at a time), so about 6-7 h in all; an interrupted protocol resumes where it stopped.
+54 runs: about 10 h of CPU. With ``--jobs 2`` on the 2-core machine a run took about 620 s of wall
+time when nothing else ran (two at a time) and up to 1000 s beside other work, so about 5-7 h in
+all; an interrupted protocol resumes where it stopped.
 """
 
 import json
